@@ -1,0 +1,173 @@
+"""`layerflow train | sample | info` — arguments generated from the config dataclasses.
+
+One path: CLI flags → (TOML file →) RunConfig → train(cfg, run_dir). Bad input ends with one line
+on stderr and exit code 2; an unexpected failure with one line and exit code 1
+(set LAYERFLOW_DEBUG=1 for the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import MISSING, fields
+
+from .config import SECTIONS, ConfigError, RunConfig, load_toml
+
+
+class UsageError(Exception):
+    pass
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse's default prints the whole usage)
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def _number(kind):
+    def parse(text: str):
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"invalid {'integer' if kind is int else 'number'}: {text!r}") from None
+    return parse
+
+
+def add_config_arguments(p: argparse.ArgumentParser) -> None:
+    """One --flag per config field (names are unique across sections)."""
+    for sec, cls in SECTIONS.items():
+        g = p.add_argument_group(f"{sec} options")
+        for f in fields(cls):
+            flag = "--" + f.name.replace("_", "-")
+            default = f.default if f.default is not MISSING else None
+            help_ = f"{f.metadata.get('help', '')} (default: {default!r})"
+            ftype = f.type if isinstance(f.type, str) else f.type.__name__
+            if ftype == "bool":
+                g.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                               default=argparse.SUPPRESS, help=help_)
+            else:
+                conv = {"int": _number(int), "float": _number(float)}.get(ftype, str)
+                g.add_argument(flag, dest=f.name, type=conv, default=argparse.SUPPRESS,
+                               metavar=f.name.upper(), help=help_)
+
+
+def config_from_args(args) -> RunConfig:
+    cfg = load_toml(args.config) if getattr(args, "config", None) else RunConfig()
+    names = {f.name for cls in SECTIONS.values() for f in fields(cls)}
+    overrides = {k: v for k, v in vars(args).items() if k in names}
+    return cfg.replace(**overrides) if overrides else cfg
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="layerflow", description="Transformer language models as dynamical systems.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    t = sub.add_parser("train", help="train (or resume) a flow language model")
+    t.add_argument("--config", help="TOML file with [model] [flow] [data] [train] tables")
+    t.add_argument("--out", default="runs/layerflow", help="run directory (default: runs/layerflow)")
+    add_config_arguments(t)
+
+    s = sub.add_parser("sample", help="generate text from a trained run")
+    s.add_argument("run_dir")
+    s.add_argument("--prompt", default="\n")
+    s.add_argument("--tokens", type=_number(int), default=200)
+    s.add_argument("--temperature", type=_number(float), default=0.8)
+    s.add_argument("--top-k", type=_number(int), default=200)
+    s.add_argument("--seed", type=_number(int), default=0)
+    s.add_argument("--num-samples", type=_number(int), default=1)
+    s.add_argument("--no-cache", action="store_true", help="recompute the context every token")
+
+    i = sub.add_parser("info", help="describe a run: config, size, progress")
+    i.add_argument("run_dir")
+    return p
+
+
+def cmd_train(args) -> int:
+    from .train import train
+
+    cfg = config_from_args(args)
+    summary = train(cfg, args.out)
+    print(f"{summary['status']}: {summary['run_dir']} (iteration {summary['iter']}, "
+          f"best val loss {summary['best_val'] if summary['best_val'] is None else round(summary['best_val'], 4)})")
+    sample = os.path.join(args.out, "samples.txt")
+    if summary["status"] == "done" and os.path.exists(sample):
+        print("--- sample ---")
+        print(open(sample, encoding="utf-8", errors="replace").read())
+    return 0 if summary["status"] == "done" or summary["status"].startswith("interrupted") else 1
+
+
+def cmd_sample(args) -> int:
+    import torch
+
+    from .train import load_run
+
+    if args.tokens <= 0:
+        raise ConfigError("--tokens must be positive")
+    if args.temperature < 0:
+        raise ConfigError("--temperature must be non-negative")
+    if args.top_k < 0 or args.num_samples <= 0:
+        raise ConfigError("--top-k must be >= 0 and --num-samples positive")
+    model, tok, cfg, _ = load_run(args.run_dir)
+    ids = tok.encode(args.prompt)
+    if not ids:
+        raise ConfigError("--prompt encodes to no tokens")
+    g = torch.Generator().manual_seed(args.seed)
+    idx = torch.tensor([ids] * args.num_samples, dtype=torch.long)
+    out = model.generate(idx, args.tokens, args.temperature, args.top_k or None,
+                         use_cache=not args.no_cache, generator=g)
+    for row in out:
+        print(tok.decode(row.tolist()))
+        if args.num_samples > 1:
+            print("-" * 40)
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .train import load_run, read_metrics
+
+    model, tok, cfg, ckpt = load_run(args.run_dir)
+    m, f = cfg.model, cfg.flow
+    evals = [r for r in read_metrics(args.run_dir) if r.get("kind") == "eval"]
+    print(f"run           {args.run_dir}")
+    print(f"checkpoint    {ckpt.path.name} (iteration {ckpt.state.get('iter')})")
+    print(f"model         {m.model}: L={m.n_layer} d={m.n_embd} heads={m.n_head} "
+          f"block={m.block_size} pos={m.pos_emb} norm={m.norm}")
+    print(f"flow          {f.integrator}, h={model.step_size:g}, steps={model.n_steps}")
+    print(f"tokenizer     {tok.kind}, vocab {tok.vocab_size}")
+    print(f"parameters    {model.num_params():,}")
+    if evals:
+        print(f"last eval     iter {evals[-1]['iter']}: train {evals[-1]['train_loss']:.4f} "
+              f"val {evals[-1]['val_loss']:.4f}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "sample": cmd_sample, "info": cmd_info}
+
+
+def main(argv=None) -> int:
+    from .checkpoint import CheckpointError
+    from .data import DataError
+    from .train import TrainError
+
+    try:
+        args = build_parser().parse_args(argv)
+        return COMMANDS[args.command](args)
+    except UsageError as e:
+        print(str(e), file=sys.stderr)
+        return 2
+    except (ConfigError, DataError, CheckpointError, TrainError) as e:
+        print(f"layerflow: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("layerflow: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # never a traceback unless asked for
+        if os.environ.get("LAYERFLOW_DEBUG"):
+            raise
+        print(f"layerflow: internal error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

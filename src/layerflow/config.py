@@ -1,0 +1,279 @@
+"""Typed, frozen, validated configuration. One `RunConfig` = model + flow + data + train.
+
+Every field is validated in `__post_init__`, so a config that exists is a config that is valid.
+`RunConfig.to_dict()` is what is written to `config.json` and into every checkpoint;
+`RunConfig.from_dict()` rejects unknown keys, wrong types and absurd values, naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid. The message names the key."""
+
+
+def _positive(name: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise ConfigError(f"{name} must be a positive number, got {value!r}")
+
+
+def _non_negative(name: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+        raise ConfigError(f"{name} must be a non-negative number, got {value!r}")
+
+
+def _choice(name: str, value: str, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"unknown {name} {value!r}; choose one of: {', '.join(sorted(choices))}")
+
+
+def _h(text: str) -> dict:
+    return {"help": text}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of the vector field and the embedding/unembedding around the flow."""
+
+    model: str = field(default="flow", metadata=_h("model family: flow (attention+MLP field)"))
+    vocab_size: int = field(default=0, metadata=_h("vocabulary size; 0 = from the tokenizer"))
+    n_layer: int = field(default=4, metadata=_h("number of integrator steps L (layers)"))
+    n_head: int = field(default=4, metadata=_h("attention heads"))
+    n_embd: int = field(default=128, metadata=_h("width d of the token state"))
+    block_size: int = field(default=64, metadata=_h("context length in tokens"))
+    mlp_ratio: int = field(default=4, metadata=_h("MLP hidden width / n_embd"))
+    dropout: float = field(default=0.0, metadata=_h("dropout on the field's outputs"))
+    bias: bool = field(default=True, metadata=_h("biases in linear layers and norms"))
+    pos_emb: str = field(default="learned", metadata=_h("positions: learned | rope"))
+    norm: str = field(default="layernorm", metadata=_h("normalisation: layernorm | rmsnorm"))
+
+    def __post_init__(self):
+        _choice("model", self.model, MODEL_FAMILIES)
+        _non_negative("vocab_size", self.vocab_size)
+        for name in ("n_layer", "n_head", "n_embd", "block_size", "mlp_ratio"):
+            _positive(name, getattr(self, name))
+        if self.n_embd % self.n_head:
+            raise ConfigError(
+                f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
+            )
+        if self.pos_emb == "rope" and (self.n_embd // self.n_head) % 2:
+            raise ConfigError("pos_emb rope needs an even head dimension n_embd/n_head")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        _choice("pos_emb", self.pos_emb, ("learned", "rope"))
+        _choice("norm", self.norm, ("layernorm", "rmsnorm"))
+
+
+MODEL_FAMILIES = {"flow"}
+
+
+@dataclass(frozen=True)
+class FlowConfig:
+    """How the state is integrated over layer-time t in [0, T]."""
+
+    integrator: str = field(default="lie_trotter", metadata=_h("integrator name (see registry)"))
+    step_size: str = field(
+        default="1", metadata=_h("h: a number, or 'T/L' (total_time / n_layer), or 'c/L'")
+    )
+    total_time: float = field(default=1.0, metadata=_h("total layer-time T used by 'T/L'"))
+
+    def __post_init__(self):
+        from .integrators import INTEGRATORS
+
+        _choice("integrator", self.integrator, INTEGRATORS)
+        _positive("total_time", self.total_time)
+        self.resolve_step_size(1)  # validates the expression
+
+    def resolve_step_size(self, n_steps: int) -> float:
+        """The step size h for a flow of `n_steps` steps."""
+        text = str(self.step_size).strip().replace(" ", "")
+        try:
+            if text.endswith("/L"):
+                num = text[:-2]
+                value = (self.total_time if num == "T" else float(num)) / n_steps
+            else:
+                value = float(text)
+        except ValueError:
+            raise ConfigError(
+                f"step_size must be a number, 'T/L' or 'c/L', got {self.step_size!r}"
+            ) from None
+        _positive("step_size", value)
+        return value
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the text comes from and how it becomes tokens."""
+
+    data: str = field(default="", metadata=_h("text file or folder of .txt files; '' = embedded"))
+    tokenizer: str = field(default="char", metadata=_h("tokenizer: char | byte | bpe"))
+    bpe_vocab_size: int = field(default=1024, metadata=_h("vocabulary size for bpe"))
+    val_fraction: float = field(default=0.1, metadata=_h("fraction of tokens held out (tail)"))
+
+    def __post_init__(self):
+        from .data import TOKENIZERS
+
+        _choice("tokenizer", self.tokenizer, TOKENIZERS)
+        if not isinstance(self.bpe_vocab_size, int) or self.bpe_vocab_size < 260:
+            raise ConfigError(f"bpe_vocab_size must be an integer >= 260, got {self.bpe_vocab_size!r}")
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction!r}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation, evaluation and checkpointing."""
+
+    max_iters: int = field(default=2000, metadata=_h("optimizer steps"))
+    batch_size: int = field(default=12, metadata=_h("sequences per step"))
+    lr: float = field(default=1e-3, metadata=_h("peak learning rate"))
+    min_lr: float = field(default=1e-4, metadata=_h("learning rate at the end of cosine decay"))
+    warmup_iters: int = field(default=100, metadata=_h("linear warm-up steps"))
+    lr_decay_iters: int = field(default=0, metadata=_h("cosine decay length; 0 = max_iters"))
+    weight_decay: float = field(default=0.1, metadata=_h("decoupled weight decay (matrices)"))
+    beta1: float = field(default=0.9, metadata=_h("AdamW beta1"))
+    beta2: float = field(default=0.99, metadata=_h("AdamW beta2"))
+    grad_clip: float = field(default=1.0, metadata=_h("gradient-norm clip; 0 = off"))
+    eval_interval: int = field(default=250, metadata=_h("steps between evaluations"))
+    eval_iters: int = field(default=50, metadata=_h("batches per evaluation"))
+    log_interval: int = field(default=10, metadata=_h("steps between metric lines"))
+    ckpt_interval: int = field(default=0, metadata=_h("steps between checkpoints; 0 = eval"))
+    keep_checkpoints: int = field(default=3, metadata=_h("how many recent checkpoints to keep"))
+    seed: int = field(default=1337, metadata=_h("random seed"))
+    device: str = field(default="cpu", metadata=_h("cpu | cuda | auto"))
+    sample_tokens: int = field(default=300, metadata=_h("tokens sampled at the end; 0 = none"))
+    progress: bool = field(default=True, metadata=_h("show a progress bar"))
+
+    def __post_init__(self):
+        for name in ("max_iters", "batch_size", "eval_interval", "eval_iters", "log_interval",
+                     "keep_checkpoints"):
+            _positive(name, getattr(self, name))
+        for name in ("lr", "min_lr"):
+            _positive(name, getattr(self, name))
+        for name in ("warmup_iters", "lr_decay_iters", "weight_decay", "grad_clip",
+                     "ckpt_interval", "sample_tokens", "seed"):
+            _non_negative(name, getattr(self, name))
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
+        _choice("device", self.device, ("cpu", "cuda", "auto"))
+
+
+# Training keys that may change when a run is resumed (they do not change the math of a step).
+RESUMABLE_KEYS = {
+    "max_iters", "eval_interval", "log_interval", "ckpt_interval", "sample_tokens", "device",
+    "progress", "keep_checkpoints", "eval_iters",
+}
+
+SECTIONS = {"model": ModelConfig, "flow": FlowConfig, "data": DataConfig, "train": TrainConfig}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "RunConfig":
+        if not isinstance(d, dict):
+            raise ConfigError("config must be a mapping of sections")
+        unknown = set(d) - set(SECTIONS)
+        if unknown:
+            raise ConfigError(f"unknown config section {sorted(unknown)[0]!r}")
+        return cls(**{name: section_from_dict(SECTIONS[name], d.get(name, {}), name)
+                      for name in SECTIONS})
+
+    def replace(self, **overrides) -> "RunConfig":
+        """Flat overrides by field name, e.g. replace(n_layer=8, lr=3e-4)."""
+        return apply_overrides(self, overrides)
+
+    def mismatch(self, other: "RunConfig") -> str | None:
+        """Name of the first key that differs in a way that forbids resuming, else None."""
+        a, b = self.to_dict(), other.to_dict()
+        for sec in SECTIONS:
+            for key in a[sec]:
+                if sec == "train" and key in RESUMABLE_KEYS:
+                    continue
+                if a[sec][key] != b[sec].get(key):
+                    return f"{sec}.{key} ({b[sec].get(key)!r} in checkpoint, {a[sec][key]!r} now)"
+        return None
+
+
+def _coerce(cls, name: str, key: str, value: Any, ftype: Any) -> Any:
+    ftype = ftype if isinstance(ftype, str) else ftype.__name__
+    where = f"{name}.{key}"
+    if ftype == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+    elif ftype == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+    elif ftype == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        value = float(value)
+    elif ftype == "str":
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = str(value)
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+    return value
+
+
+def section_from_dict(cls, d: Any, name: str):
+    if not isinstance(d, dict):
+        raise ConfigError(f"config section {name!r} must be a mapping")
+    known = {f.name: f for f in fields(cls)}
+    for key in d:
+        if key not in known:
+            raise ConfigError(f"unknown config key {name}.{key}")
+    kwargs = {k: _coerce(cls, name, k, v, known[k].type) for k, v in d.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{name}: {e}") from None
+
+
+def field_owner() -> dict[str, str]:
+    """Flat field name -> section name (names are unique across sections)."""
+    return {f.name: sec for sec, cls in SECTIONS.items() for f in fields(cls)}
+
+
+def apply_overrides(cfg: RunConfig, overrides: dict) -> RunConfig:
+    owner = field_owner()
+    d = cfg.to_dict()
+    for key, value in overrides.items():
+        if key not in owner:
+            raise ConfigError(f"unknown config key {key!r}")
+        d[owner[key]][key] = value
+    return RunConfig.from_dict(d)
+
+
+def load_toml(path: str) -> RunConfig:
+    """A TOML file with optional [model] [flow] [data] [train] tables."""
+    try:
+        import tomllib
+    except ImportError:  # Python < 3.11
+        import tomli as tomllib
+    try:
+        with open(path, "rb") as f:
+            d = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    return RunConfig.from_dict(d)

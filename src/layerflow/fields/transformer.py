@@ -1,0 +1,145 @@
+"""The transformer vector field F(X, t) = A(X) + M(X), kept as two split terms.
+
+A(X) = Attn(Norm₁(X))  — causal multi-head self-attention (`scaled_dot_product_attention`)
+M(X) = MLP(Norm₂(X))   — two-layer GELU perceptron
+An integrator sees the field only through `field(x, t)` (the sum) and `field.terms` (the parts),
+so Lie–Trotter, Strang and Runge–Kutta schemes are all written against the same object.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def make_norm(kind: str, dim: int, bias: bool = True) -> nn.Module:
+    if kind == "rmsnorm":
+        return nn.RMSNorm(dim, eps=1e-6)
+    return nn.LayerNorm(dim, bias=bias)
+
+
+def rope_tables(head_dim: int, positions: torch.Tensor, base: float = 10000.0):
+    """cos/sin tables for rotary embeddings (Su et al. 2021), shape (T, head_dim/2)."""
+    inv = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=positions.device,
+                                       dtype=torch.float32) / head_dim))
+    ang = positions.to(torch.float32)[:, None] * inv[None, :]
+    return ang.cos(), ang.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[..., :D/2], x[..., D/2:]) by the position angle (half-split convention)."""
+    d = x.shape[-1] // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class KVCache:
+    """Keys and values of every attention evaluation of a forward pass, in call order.
+
+    Each attention call during a forward pass takes the next slot, so any integrator (several
+    field evaluations per step, substeps, stages) is cached without the model knowing its shape.
+    """
+
+    def __init__(self):
+        self.slots: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.cursor = 0
+        self.length = 0  # tokens already cached
+
+    def begin(self):
+        self.cursor = 0
+
+    def end(self, n_new: int):
+        self.length += n_new
+
+    def extend(self, k: torch.Tensor, v: torch.Tensor):
+        if self.cursor == len(self.slots):
+            self.slots.append((k, v))
+        else:
+            pk, pv = self.slots[self.cursor]
+            k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
+            self.slots[self.cursor] = (k, v)
+        self.cursor += 1
+        return k, v
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention with a fused QKV projection."""
+
+    def __init__(self, n_embd: int, n_head: int, bias: bool = True, rope: bool = False,
+                 dropout: float = 0.0):
+        super().__init__()
+        self.n_head, self.n_embd, self.rope = n_head, n_embd, rope
+        self.c_attn = nn.Linear(n_embd, 3 * n_embd, bias=bias)
+        self.c_proj = nn.Linear(n_embd, n_embd, bias=bias)
+        self.dropout = dropout
+
+    def forward(self, x: torch.Tensor, ctx=None) -> torch.Tensor:
+        B, T, C = x.shape
+        nh, hd = self.n_head, C // self.n_head
+        q, k, v = self.c_attn(x).view(B, T, 3, nh, hd).permute(2, 0, 3, 1, 4)
+        past = ctx.cache.length if ctx is not None and ctx.cache is not None else 0
+        if self.rope:
+            cos, sin = rope_tables(hd, torch.arange(past, past + T, device=x.device))
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if ctx is not None and ctx.cache is not None:
+            k, v = ctx.cache.extend(k, v)
+        drop = self.dropout if self.training else 0.0
+        if past == 0:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=True)
+        elif T == 1:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)
+        else:  # a chunk of queries after a cached prefix: query i sees keys 0..past+i
+            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, n_embd: int, hidden: int, bias: bool = True):
+        super().__init__()
+        self.c_fc = nn.Linear(n_embd, hidden, bias=bias)
+        self.c_proj = nn.Linear(hidden, n_embd, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(F.gelu(self.c_fc(x)))
+
+
+class TransformerField(nn.Module):
+    """F(X) = A(X) + M(X) with A = Attn∘Norm₁, M = MLP∘Norm₂ (one set of weights)."""
+
+    term_names = ("attn", "mlp")
+
+    def __init__(self, n_embd: int, n_head: int, mlp_ratio: int = 4, bias: bool = True,
+                 rope: bool = False, dropout: float = 0.0, norm: str = "layernorm"):
+        super().__init__()
+        self.ln_1 = make_norm(norm, n_embd, bias)
+        self.attn = CausalSelfAttention(n_embd, n_head, bias, rope, dropout)
+        self.ln_2 = make_norm(norm, n_embd, bias)
+        self.mlp = MLP(n_embd, mlp_ratio * n_embd, bias)
+        self.drop = nn.Dropout(dropout)
+
+    def attn_term(self, x, t=None, ctx=None):
+        return self.drop(self.attn(self.ln_1(x), ctx))
+
+    def mlp_term(self, x, t=None, ctx=None):
+        return self.drop(self.mlp(self.ln_2(x)))
+
+    def forward(self, x, t=None, ctx=None):
+        return self.attn_term(x, t, ctx) + self.mlp_term(x, t, ctx)
+
+    def terms(self):
+        return (self.attn_term, self.mlp_term)
+
+    def init_weights(self, n_layer: int, std: float = 0.02):
+        """GPT-2 init: N(0, 0.02), output projections scaled by 1/sqrt(2L)."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0.0, std)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        for proj in (self.attn.c_proj, self.mlp.c_proj):
+            nn.init.normal_(proj.weight, 0.0, std / math.sqrt(2 * n_layer))

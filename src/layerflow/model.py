@@ -1,0 +1,149 @@
+"""FlowLM: embed → integrate the field over layer-time → norm → tied unembedding.
+
+    X_0 = E[tokens] (+ P[positions])
+    X_{k+1} = integrator.step(F_k, t_k, h_k, X_k),  k = 0..L-1,  t_k = Σ_{j<k} h_j
+    logits = Norm(X_L) Eᵀ
+
+With `LieTrotter`, h = 1 and one `TransformerField` per step this is exactly nanoGPT's GPT.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .fields.transformer import KVCache, TransformerField, make_norm
+from .hooks import FlowContext
+from .integrators import BoundField, Integrator, get_integrator, integrate
+
+
+class FlowLM(nn.Module):
+    def __init__(self, vocab_size: int, n_embd: int, block_size: int, fields, integrator:
+                 Integrator, step_size: float = 1.0, pos_emb: str = "learned",
+                 norm: str = "layernorm", bias: bool = True, dropout: float = 0.0,
+                 n_steps: int | None = None):
+        """`fields`: one module per step (untied), or a single module shared by all `n_steps`
+        steps (tied: an autonomous ODE, or smooth in t if the module uses t)."""
+        super().__init__()
+        fields = list(fields) if isinstance(fields, (list, tuple, nn.ModuleList)) else [fields]
+        self.vocab_size, self.n_embd, self.block_size = vocab_size, n_embd, block_size
+        self.wte = nn.Embedding(vocab_size, n_embd)
+        self.wpe = nn.Embedding(block_size, n_embd) if pos_emb == "learned" else None
+        self.drop = nn.Dropout(dropout)
+        self.fields = nn.ModuleList(fields)
+        self.integrator = integrator
+        self.n_steps = n_steps or len(fields)
+        if len(fields) not in (1, self.n_steps):
+            raise ValueError(f"{len(fields)} fields for {self.n_steps} steps")
+        self.step_size = float(step_size)
+        self.ln_f = make_norm(norm, n_embd, bias)
+        self._hooks: list = []
+
+    # ------------------------------------------------------------------ the flow
+    def step_sizes(self):
+        return [self.step_size] * self.n_steps
+
+    def field_module(self, k: int) -> nn.Module:
+        return self.fields[k] if len(self.fields) > 1 else self.fields[0]
+
+    def embed(self, idx: torch.Tensor, start: int = 0) -> torch.Tensor:
+        x = self.wte(idx)
+        if self.wpe is not None:
+            x = x + self.wpe(torch.arange(start, start + idx.shape[1], device=idx.device))
+        return self.drop(x)
+
+    def flow(self, x: torch.Tensor, ctx: FlowContext | None = None) -> torch.Tensor:
+        field_at = lambda k: BoundField(self.field_module(k), ctx, f"flow.step.{k}")
+        return integrate(self.integrator, field_at, self.step_sizes(), x, ctx)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Unembedding with the embedding matrix (tied): logits = x Eᵀ (x already normed)."""
+        return F.linear(x, self.wte.weight)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                cache: KVCache | None = None, last_only: bool = False):
+        """Returns (logits, loss). With a cache, `idx` holds only the new tokens."""
+        if idx.shape[1] + (cache.length if cache else 0) > self.block_size:
+            raise ValueError(f"sequence longer than block_size {self.block_size}")
+        ctx = FlowContext(cache, self._hooks) if (cache is not None or self._hooks) else None
+        if cache is not None:
+            cache.begin()
+        x = self.embed(idx, cache.length if cache else 0)
+        if ctx is not None:
+            x = ctx.emit("embed", x)
+        x = self.flow(x, ctx)
+        x = self.ln_f(x)
+        if ctx is not None:
+            x = ctx.emit("final", x)
+        if cache is not None:
+            cache.end(idx.shape[1])
+        if last_only and targets is None:
+            x = x[:, -1:]
+        logits = self.head(x)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1))
+        return logits, loss
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, use_cache: bool = True,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Sample `max_new_tokens` tokens after `idx` (B, T).
+
+        Context policy (identical with and without the cache, so both give the same tokens):
+        the model sees tokens[start:]; when that exceeds block_size, start jumps forward so the
+        newest block_size//2 tokens remain (the cache is then rebuilt from them)."""
+        tokens, start, cache = idx, 0, None
+        for _ in range(max_new_tokens):
+            if tokens.shape[1] - start > self.block_size:
+                start = tokens.shape[1] - max(self.block_size // 2, 1)
+                cache = None
+            if use_cache:
+                if cache is None:
+                    cache = KVCache()
+                    logits, _ = self(tokens[:, start:], cache=cache, last_only=True)
+                else:
+                    logits, _ = self(tokens[:, -1:], cache=cache, last_only=True)
+            else:
+                logits, _ = self(tokens[:, start:], last_only=True)
+            next_tok = sample_next(logits[:, -1, :], temperature, top_k, generator)
+            tokens = torch.cat([tokens, next_tok], dim=1)
+        return tokens
+
+    def num_params(self, exclude_embedding: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embedding and self.wpe is not None:
+            n -= self.wpe.weight.numel()
+        return n
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None,
+                generator: torch.Generator | None) -> torch.Tensor:
+    if temperature <= 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k:
+        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+        logits = logits.masked_fill(logits < v[:, [-1]], float("-inf"))
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)
+
+
+def build_model(cfg, vocab_size: int | None = None) -> FlowLM:
+    """FlowLM from a RunConfig (strings resolved through the registries here, once)."""
+    m, fl = cfg.model, cfg.flow
+    vocab_size = vocab_size or m.vocab_size
+    fields = [TransformerField(m.n_embd, m.n_head, m.mlp_ratio, m.bias, m.pos_emb == "rope",
+                               m.dropout, m.norm) for _ in range(m.n_layer)]
+    for f in fields:
+        f.init_weights(m.n_layer)
+    model = FlowLM(vocab_size, m.n_embd, m.block_size, fields, get_integrator(fl.integrator),
+                   step_size=fl.resolve_step_size(m.n_layer), pos_emb=m.pos_emb, norm=m.norm,
+                   bias=m.bias, dropout=m.dropout)
+    nn.init.normal_(model.wte.weight, 0.0, 0.02)
+    if model.wpe is not None:
+        nn.init.normal_(model.wpe.weight, 0.0, 0.02)
+    return model
