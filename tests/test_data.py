@@ -4,11 +4,19 @@ import numpy as np
 import pytest
 import torch
 
-from layerflow.data import (
-    BPETokenizer, ByteTokenizer, CharTokenizer, DataError, build_tokenizer, default_corpus,
-    prepare_data, read_corpus_bytes, split_tokens, tokenizer_from_dict,
-)
 from layerflow.config import DataConfig
+from layerflow.data import (
+    BPETokenizer,
+    ByteTokenizer,
+    CharTokenizer,
+    DataError,
+    build_tokenizer,
+    default_corpus,
+    prepare_data,
+    read_corpus_bytes,
+    split_tokens,
+    tokenizer_from_dict,
+)
 
 
 def test_default_corpus_is_embedded_prose():
@@ -16,7 +24,8 @@ def test_default_corpus_is_embedded_prose():
     assert len(text) > 300_000 and "statement" in text
 
 
-@pytest.mark.parametrize("data", [b"", b"\x00\xff\xfe", "h\u00e9llo w\u00f6rld \U0001f600".encode()])
+@pytest.mark.parametrize(
+    "data", [b"", b"\x00\xff\xfe", "h\u00e9llo w\u00f6rld \U0001f600".encode()])
 def test_byte_tokenizer_round_trip_any_bytes(data):
     tok = ByteTokenizer()
     ids = tok.encode(data)

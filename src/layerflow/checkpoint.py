@@ -141,7 +141,8 @@ class Checkpoint:
         try:
             load_optimizer(optimizer, self.tensors, self.state.get("param_groups", []))
         except (ValueError, KeyError, RuntimeError) as e:
-            raise CheckpointError(f"checkpoint {self.path}: optimizer state unusable: {e}") from None
+            raise CheckpointError(
+                f"checkpoint {self.path}: optimizer state unusable: {e}") from None
 
 
 def load_checkpoint(path) -> Checkpoint:
@@ -159,7 +160,8 @@ def load_checkpoint(path) -> Checkpoint:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"checkpoint {path} is corrupt or truncated: {first}") from None
     if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a layerflow checkpoint (format {meta.get('format')!r})")
+        raise CheckpointError(
+            f"{path} is not a layerflow checkpoint (format {meta.get('format')!r})")
     if meta.get("sha256") != _digest(tensors):
         raise CheckpointError(f"checkpoint {path} is corrupt: tensor data fails its SHA-256 check")
     try:

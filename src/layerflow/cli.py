@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train (or resume) a flow language model")
     t.add_argument("--config", help="TOML file with [model] [flow] [data] [train] tables")
-    t.add_argument("--out", default="runs/layerflow", help="run directory (default: runs/layerflow)")
+    t.add_argument("--out", default="runs/layerflow",
+                   help="run directory (default: runs/layerflow)")
     add_config_arguments(t)
 
     s = sub.add_parser("sample", help="generate text from a trained run")
@@ -88,8 +89,10 @@ def cmd_train(args) -> int:
 
     cfg = config_from_args(args)
     summary = train(cfg, args.out)
+    best = summary["best_val"]
+    best = "n/a" if best is None else f"{best:.4f}"
     print(f"{summary['status']}: {summary['run_dir']} (iteration {summary['iter']}, "
-          f"best val loss {summary['best_val'] if summary['best_val'] is None else round(summary['best_val'], 4)})")
+          f"best val loss {best})")
     sample = os.path.join(args.out, "samples.txt")
     if summary["status"] == "done" and os.path.exists(sample):
         print("--- sample ---")

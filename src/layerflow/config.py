@@ -121,7 +121,8 @@ class DataConfig:
 
         _choice("tokenizer", self.tokenizer, TOKENIZERS)
         if not isinstance(self.bpe_vocab_size, int) or self.bpe_vocab_size < 260:
-            raise ConfigError(f"bpe_vocab_size must be an integer >= 260, got {self.bpe_vocab_size!r}")
+            raise ConfigError(
+                f"bpe_vocab_size must be an integer >= 260, got {self.bpe_vocab_size!r}")
         if not 0 < self.val_fraction < 1:
             raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction!r}")
 

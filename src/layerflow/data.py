@@ -116,7 +116,8 @@ class CharTokenizer:
     def encode(self, text: str) -> list[int]:
         missing = sorted(set(text) - self.stoi.keys())
         if missing:
-            raise DataError(f"text has characters outside the vocabulary: {''.join(missing)[:20]!r}")
+            shown = "".join(missing)[:20]
+            raise DataError(f"text has characters outside the vocabulary: {shown!r}")
         return [self.stoi[c] for c in text]
 
     def decode(self, ids) -> str:
@@ -209,7 +210,8 @@ class TokenData:
             if len(arr) < block_size + 1:
                 raise DataError(
                     f"corpus too short: the {name} split has {len(arr)} tokens but one block "
-                    f"needs block_size+1 = {block_size + 1}; use more text or a smaller --block-size"
+                    f"needs block_size+1 = {block_size + 1}; "
+                    "use more text or a smaller --block-size"
                 )
 
     def get_batch(self, split: str, batch_size: int, generator: torch.Generator,

@@ -20,8 +20,13 @@ from pathlib import Path
 import torch
 
 from .checkpoint import (
-    CheckpointError, atomic_write_bytes, checkpoint_path, list_checkpoints, load_checkpoint,
-    prune_checkpoints, save_checkpoint,
+    CheckpointError,
+    atomic_write_bytes,
+    checkpoint_path,
+    list_checkpoints,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
 )
 from .config import RunConfig
 from .data import DataError, prepare_data, split_tokens, tokenizer_from_dict
@@ -218,7 +223,8 @@ def train(cfg: RunConfig, run_dir, on_step=None) -> dict:
                     break
                 if stop["signal"]:
                     save(it)
-                    status = f"interrupted ({stop['signal']}) at iteration {it}; resume with the same command"
+                    status = (f"interrupted ({stop['signal']}) at iteration {it}; "
+                              "resume with the same command")
                     break
                 lr = lr_at(it, tc)
                 for g in optimizer.param_groups:
