@@ -17,9 +17,12 @@ from contextlib import contextmanager
 class FlowContext:
     """Per-forward state shared by the flow: the KV cache and the active hooks."""
 
-    def __init__(self, cache=None, hooks=None):
+    def __init__(self, cache=None, hooks=None, terms=None):
         self.cache = cache
         self.hooks = hooks or []  # list of (pattern, fn)
+        # extra vector-field terms (name, fn(x, t, ctx)) appended to every step's field, e.g.
+        # constraint forces −λ∇E_c (steering.py); integrators see them in `field.terms`
+        self.terms = list(terms or [])
 
     def emit(self, name: str, value):
         for pattern, fn in self.hooks:
