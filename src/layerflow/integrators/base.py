@@ -54,6 +54,9 @@ class BoundField:
         names = getattr(module, "term_names", None)
         fns = module.terms() if hasattr(module, "terms") else (module,)
         names = names or tuple(f"term{i}" for i in range(len(fns)))
+        extra = tuple(getattr(ctx, "terms", None) or ())  # e.g. constraint forces (steering.py)
+        names = tuple(names) + tuple(n for n, _ in extra)
+        fns = tuple(fns) + tuple(f for _, f in extra)
         self.terms = tuple(self._wrap(n, f) for n, f in zip(names, fns))
 
     def _wrap(self, name, fn):
