@@ -81,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="describe a run: config, size, progress")
     i.add_argument("run_dir")
+
+    from .analysis.command import add_analyze_parser  # issue 6
+
+    add_analyze_parser(sub)
     return p
 
 
@@ -146,6 +150,15 @@ def cmd_info(args) -> int:
 
 
 COMMANDS = {"train": cmd_train, "sample": cmd_sample, "info": cmd_info}
+
+
+def cmd_analyze(args) -> int:
+    from .analysis.command import cmd_analyze as run
+
+    return run(args)
+
+
+COMMANDS["analyze"] = cmd_analyze  # issue 6
 
 
 def main(argv=None) -> int:
