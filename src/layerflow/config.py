@@ -82,12 +82,31 @@ class FlowConfig:
         default="1", metadata=_h("h: a number, or 'T/L' (total_time / n_layer), or 'c/L'")
     )
     total_time: float = field(default=1.0, metadata=_h("total layer-time T used by 'T/L'"))
+    # integrators (issue 3): step sizes, weights in time, reversible and adaptive solves
+    learn_step_size: bool = field(default=False, metadata=_h(
+        "learn a positive step size per step (h_k = softplus(θ_k), initialised at step_size)"))
+    momentum: float = field(default=0.9, metadata=_h("γ of the momentum integrator, in (0, 1)"))
+    weights: str = field(default="untied", metadata=_h(
+        "weights in time: untied (a set per step) | tied (one set) | smooth (basis in t)"))
+    time_basis: str = field(default="legendre", metadata=_h("basis for smooth: legendre | fourier"))
+    basis_size: int = field(default=4, metadata=_h("basis functions per weight for smooth"))
+    macaron_weights: bool = field(default=False, metadata=_h(
+        "separate MLP weights for the two half steps (strang/macaron: F = A + (M_a + M_b)/2)"))
+    reversible: bool = field(default=False, metadata=_h(
+        "recompute states in backward (leapfrog, verlet, symplectic_euler, momentum): O(1) "
+        "activation memory in depth"))
+    adaptive: str = field(default="", metadata=_h(
+        "adaptive torchdiffeq solver for tied/smooth weights, e.g. dopri5; '' = fixed steps"))
+    rtol: float = field(default=1e-3, metadata=_h("relative tolerance of the adaptive solver"))
+    atol: float = field(default=1e-4, metadata=_h("absolute tolerance of the adaptive solver"))
+    adjoint: bool = field(default=False, metadata=_h("adaptive: backprop by odeint_adjoint"))
 
     def __post_init__(self):
         from .integrators import INTEGRATORS
 
         _choice("integrator", self.integrator, INTEGRATORS)
         _positive("total_time", self.total_time)
+        _check_flow_fields(self)
         self.resolve_step_size(1)  # validates the expression
 
     def resolve_step_size(self, n_steps: int) -> float:
@@ -105,6 +124,34 @@ class FlowConfig:
             ) from None
         _positive("step_size", value)
         return value
+
+
+def _check_flow_fields(f: "FlowConfig") -> None:
+    """Validate the integrator options (issue 3)."""
+    from .integrators import INTEGRATORS
+
+    if not 0 < f.momentum < 1:
+        raise ConfigError(f"momentum must be in (0, 1), got {f.momentum!r}")
+    _choice("weights", f.weights, ("untied", "tied", "smooth"))
+    _choice("time_basis", f.time_basis, ("legendre", "fourier"))
+    if isinstance(f.basis_size, bool) or not isinstance(f.basis_size, int) or f.basis_size < 1:
+        raise ConfigError(f"basis_size must be a positive integer, got {f.basis_size!r}")
+    if f.reversible and not getattr(INTEGRATORS[f.integrator], "invertible", False):
+        inv = sorted(n for n, c in INTEGRATORS.items() if getattr(c, "invertible", False))
+        raise ConfigError(f"reversible needs an invertible integrator ({', '.join(inv)}), "
+                          f"got {f.integrator!r}")
+    _positive("rtol", f.rtol)
+    _positive("atol", f.atol)
+    if f.adaptive:
+        _choice("adaptive", f.adaptive, ADAPTIVE_METHODS)
+        if f.weights == "untied":
+            raise ConfigError("adaptive needs weights tied or smooth (untied weights are "
+                              "piecewise constant in t)")
+        if f.learn_step_size or f.reversible:
+            raise ConfigError("adaptive cannot be combined with learn_step_size or reversible")
+
+
+ADAPTIVE_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
 
 
 @dataclass(frozen=True)

@@ -13,9 +13,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .fields.transformer import KVCache, TransformerField, make_norm
+from .fields.transformer import KVCache, make_norm
 from .hooks import FlowContext
-from .integrators import BoundField, Integrator, get_integrator, integrate
+from .integrators import INTEGRATORS, BoundField, Integrator, integrate
+from .integrators.continuous import configure_flow, make_fields
 
 
 class FlowLM(nn.Module):
@@ -42,6 +43,9 @@ class FlowLM(nn.Module):
 
     # ------------------------------------------------------------------ the flow
     def step_sizes(self):
+        raw = getattr(self, "raw_step_size", None)  # learnable h_k = softplus(θ_k) (continuous.py)
+        if raw is not None:
+            return list(F.softplus(raw).unbind())
         return [self.step_size] * self.n_steps
 
     def field_module(self, k: int) -> nn.Module:
@@ -54,6 +58,11 @@ class FlowLM(nn.Module):
         return self.drop(x)
 
     def flow(self, x: torch.Tensor, ctx: FlowContext | None = None) -> torch.Tensor:
+        solver = getattr(self, "solver", None)  # reversible / adaptive (integrators/continuous.py)
+        if solver is not None:
+            out = solver(self, x, ctx)
+            if out is not None:
+                return out
         field_at = lambda k: BoundField(self.field_module(k), ctx, f"flow.step.{k}")
         return integrate(self.integrator, field_at, self.step_sizes(), x, ctx)
 
@@ -97,6 +106,8 @@ class FlowLM(nn.Module):
         the model sees tokens[start:]; when that exceeds block_size, start jumps forward so the
         newest block_size//2 tokens remain (the cache is then rebuilt from them)."""
         tokens, start, cache = idx, 0, None
+        if not getattr(getattr(self, "solver", None), "supports_cache", True):
+            use_cache = False  # adaptive solves: no exact KV cache (integrators/adaptive.py)
         for _ in range(max_new_tokens):
             if tokens.shape[1] - start > self.block_size:
                 start = tokens.shape[1] - max(self.block_size // 2, 1)
@@ -136,14 +147,12 @@ def build_model(cfg, vocab_size: int | None = None) -> FlowLM:
     """FlowLM from a RunConfig (strings resolved through the registries here, once)."""
     m, fl = cfg.model, cfg.flow
     vocab_size = vocab_size or m.vocab_size
-    fields = [TransformerField(m.n_embd, m.n_head, m.mlp_ratio, m.bias, m.pos_emb == "rope",
-                               m.dropout, m.norm) for _ in range(m.n_layer)]
-    for f in fields:
-        f.init_weights(m.n_layer)
-    model = FlowLM(vocab_size, m.n_embd, m.block_size, fields, get_integrator(fl.integrator),
+    fields = make_fields(cfg)  # untied / tied / smooth weights in time (integrators/continuous.py)
+    model = FlowLM(vocab_size, m.n_embd, m.block_size, fields,
+                   INTEGRATORS[fl.integrator].from_config(fl), n_steps=m.n_layer,
                    step_size=fl.resolve_step_size(m.n_layer), pos_emb=m.pos_emb, norm=m.norm,
                    bias=m.bias, dropout=m.dropout)
     nn.init.normal_(model.wte.weight, 0.0, 0.02)
     if model.wpe is not None:
         nn.init.normal_(model.wpe.weight, 0.0, 0.02)
-    return model
+    return configure_flow(model, cfg)

@@ -42,6 +42,11 @@ class Integrator(ABC):
     def step(self, field, t, h, state):
         """One step of size h from time t."""
 
+    @classmethod
+    def from_config(cls, flow_cfg) -> "Integrator":
+        """An instance configured from a FlowConfig (schemes with parameters override this)."""
+        return cls()
+
     def __repr__(self):
         return f"{type(self).__name__}()"
 
