@@ -197,6 +197,15 @@ class TrainConfig:
     device: str = field(default="cpu", metadata=_h("cpu | cuda | auto"))
     sample_tokens: int = field(default=300, metadata=_h("tokens sampled at the end; 0 = none"))
     progress: bool = field(default=True, metadata=_h("show a progress bar"))
+    # speed and scale (issue 7; see speed.py and distributed.py)
+    grad_accum: int = field(default=1, metadata=_h(
+        "micro-batches per optimizer step (batch_size is the global batch, split over "
+        "processes × grad_accum)"))
+    precision: str = field(default="auto", metadata=_h(
+        "fp32 | bf16 (autocast matmuls, fp32 attention on CPU) | auto (bf16 on CUDA, fp32 on CPU)"))
+    compile: bool = field(default=False, metadata=_h("torch.compile the model (inductor)"))
+    stop_at_val: float = field(default=0.0, metadata=_h(
+        "stop when an evaluation reaches val loss <= this (time-to-target); 0 = off"))
 
     def __post_init__(self):
         for name in ("max_iters", "batch_size", "eval_interval", "eval_iters", "log_interval",
@@ -211,6 +220,9 @@ class TrainConfig:
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
         _choice("device", self.device, ("cpu", "cuda", "auto"))
+        _positive("grad_accum", self.grad_accum)
+        _choice("precision", self.precision, ("auto", "fp32", "bf16"))
+        _non_negative("stop_at_val", self.stop_at_val)
 
 
 # Training keys that may change when a run is resumed (they do not change the math of a step).
@@ -218,6 +230,7 @@ RESUMABLE_KEYS = {
     "max_iters", "eval_interval", "log_interval", "ckpt_interval", "sample_tokens", "device",
     "progress", "keep_checkpoints", "eval_iters",
 }
+RESUMABLE_KEYS |= {"grad_accum", "precision", "compile", "stop_at_val"}  # issue 7: same math
 
 SECTIONS = {"model": ModelConfig, "flow": FlowConfig, "data": DataConfig, "train": TrainConfig}
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from . import distributed as ddp
 from .checkpoint import (
     CheckpointError,
     atomic_write_bytes,
@@ -31,6 +32,7 @@ from .checkpoint import (
 from .config import RunConfig
 from .data import DataError, prepare_data, split_tokens, tokenizer_from_dict
 from .model import FlowLM, build_model
+from .speed import autocast_for, maybe_compile
 
 
 class TrainError(RuntimeError):
@@ -161,6 +163,12 @@ def train(cfg: RunConfig, run_dir, on_step=None) -> dict:
     check_writable(run_dir)
     tc = cfg.train
     device = resolve_device(tc.device)
+    dinfo = ddp.setup(device)  # torchrun: join the process group (issue 7); else a no-op
+    device = dinfo.device
+    try:
+        ddp.check_batch(tc.batch_size, tc.grad_accum, dinfo)
+    except ValueError as e:
+        raise TrainError(str(e)) from None
     ckpts = list_checkpoints(run_dir)
     ckpt = load_checkpoint(ckpts[-1]) if ckpts else None
     tokenizer = None
@@ -189,10 +197,15 @@ def train(cfg: RunConfig, run_dir, on_step=None) -> dict:
         torch.set_rng_state(ckpt.rng("torch"))
         data_gen.set_state(ckpt.rng("data"))
         start = int(ckpt.state["iter"])
-    atomic_write_bytes(run_dir / "config.json", cfg.to_json().encode())
-    atomic_write_bytes(run_dir / "tokenizer.json", json.dumps(tokenizer.to_dict()).encode())
+    if dinfo.is_main:
+        atomic_write_bytes(run_dir / "config.json", cfg.to_json().encode())
+        atomic_write_bytes(run_dir / "tokenizer.json", json.dumps(tokenizer.to_dict()).encode())
+    autocast = autocast_for(device, tc.precision)
+    fmodel = maybe_compile(ddp.wrap(model, dinfo), tc.compile)  # what the train step calls
 
     def save(it: int):
+        if not dinfo.is_main:
+            return
         state = {"iter": it, "best_val": best_val}
         rng = {"torch": torch.get_rng_state(), "data": data_gen.get_state()}
         save_checkpoint(checkpoint_path(run_dir, it), model, optimizer, cfg.to_dict(), state,
@@ -200,43 +213,57 @@ def train(cfg: RunConfig, run_dir, on_step=None) -> dict:
         prune_checkpoints(run_dir, tc.keep_checkpoints)
 
     best_val = ckpt.state.get("best_val") if ckpt else None
-    log = MetricsLog(run_dir / "metrics.jsonl", start if ckpt else None)
+    log = (MetricsLog(run_dir / "metrics.jsonl", start if ckpt else None) if dinfo.is_main
+           else ddp.NullLog())
+    stop_all, reached = False, None
     ckpt_every = tc.ckpt_interval or tc.eval_interval
     tokens_per_step = tc.batch_size * cfg.model.block_size
     status, it, last_loss = "done", start, None
-    bar = _progress(tc, start)
+    bar = _progress(tc if dinfo.is_main else tc.__class__(**{**vars(tc), "progress": False}),
+                    start)
     t_last, it_last = time.perf_counter(), start
     model.train()
     try:
         with stop_requests() as stop:
             while True:
                 if it % tc.eval_interval == 0 or it == tc.max_iters:
-                    if not (ckpt is not None and it == start):
-                        losses = estimate_loss(model, data, tc, it, device)
+                    if not (ckpt is not None and it == start) and dinfo.is_main:
+                        with autocast():
+                            losses = estimate_loss(model, data, tc, it, device)
                         best_val = min(best_val or math.inf, losses["val"])
                         log.write({"kind": "eval", "iter": it, "train_loss": losses["train"],
                                    "val_loss": losses["val"]})
                         bar.set_postfix_str(f"val {losses['val']:.4f}", refresh=False)
+                    if tc.stop_at_val and it > start and ddp.any_rank(
+                            dinfo.is_main and best_val is not None
+                            and best_val <= tc.stop_at_val, dinfo):
+                        save(it)
+                        reached = it  # time-to-target: stop_at_val reached
+                        break
                 if it > start and (it % ckpt_every == 0 or it == tc.max_iters):
                     save(it)
                 if it >= tc.max_iters:
                     break
-                if stop["signal"]:
+                if stop_all if dinfo.enabled else stop["signal"]:
                     save(it)
-                    status = (f"interrupted ({stop['signal']}) at iteration {it}; "
+                    status = (f"interrupted ({stop['signal'] or 'on another rank'}) at iteration "
+                              f"{it}; "
                               "resume with the same command")
                     break
                 lr = lr_at(it, tc)
                 for g in optimizer.param_groups:
                     g["lr"] = lr
-                x, y = data.get_batch("train", tc.batch_size, data_gen)
-                _, loss = model(x.to(device), y.to(device))
+                x, y = data.get_batch("train", tc.batch_size, data_gen, dinfo.rank,
+                                      dinfo.world_size)
+                # micro-batches, backward, all-reduced loss and stop flag (distributed.py)
+                loss, stop_all = ddp.forward_backward(
+                    fmodel, x.to(device), y.to(device), tc.grad_accum, dinfo, autocast,
+                    bool(stop["signal"]))
                 if not torch.isfinite(loss):
                     status = (f"stopped: loss is {loss.item()} at iteration {it}; "
                               f"the last good checkpoint is kept")
                     log.write({"kind": "error", "iter": it, "message": status})
                     break
-                loss.backward()
                 if tc.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
                 optimizer.step()
@@ -258,8 +285,11 @@ def train(cfg: RunConfig, run_dir, on_step=None) -> dict:
         log.close()
     summary = {"status": status, "iter": it, "loss": last_loss, "best_val": best_val,
                "run_dir": str(run_dir)}
-    if status == "done":
+    if reached is not None:
+        summary["reached_val_at"] = reached
+    if status == "done" and dinfo.is_main:
         finish_run(run_dir, model, tokenizer, tc, device)
+    ddp.teardown(dinfo)
     return summary
 
 
