@@ -3,7 +3,8 @@
 Tensors: `model/<name>` (weights), `optim/<i>/<key>` (AdamW moments and step counts),
 `rng/<name>` (RNG states as uint8 tensors). Metadata (strings): the resolved config, the
 tokenizer, the training state (iteration, schedule, optimizer hyper-parameters) as JSON, and a
-SHA-256 digest of all tensor bytes so truncation or bit flips are detected on load.
+SHA-256 digest of all tensor names, dtypes, shapes and bytes, and (format 2) a SHA-256 digest of
+the metadata itself, so truncation or a bit flip anywhere in the file is detected on load.
 A write goes to a temporary file in the same folder, is fsync'ed, then renamed over the target:
 a reader sees the old checkpoint or the new one, never half of one.
 """
@@ -18,7 +19,10 @@ from pathlib import Path
 
 import torch
 
-FORMAT = "layerflow-checkpoint-1"
+from . import faults
+
+FORMAT = "layerflow-checkpoint-2"
+FORMATS = ("layerflow-checkpoint-1", FORMAT)  # format 1: no metadata digest, no shapes hashed
 CKPT_RE = re.compile(r"^ckpt_(\d{7,})\.safetensors$")
 
 
@@ -26,14 +30,21 @@ class CheckpointError(ValueError):
     """A checkpoint cannot be used; the message names the file."""
 
 
-def _digest(tensors: dict[str, torch.Tensor]) -> str:
+def _digest(tensors: dict[str, torch.Tensor], shapes: bool = True) -> str:
     h = hashlib.sha256()
     for name in sorted(tensors):
+        if shapes:
+            h.update(repr(tuple(tensors[name].shape)).encode())
         t = tensors[name].detach().contiguous().reshape(-1)
         h.update(name.encode())
         h.update(str(t.dtype).encode())
         h.update(t.view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def _meta_digest(meta: dict) -> str:
+    body = {k: v for k, v in meta.items() if k != "meta_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 def fsync_dir(path: Path) -> None:
@@ -55,12 +66,14 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            faults.write(f, data, path)  # f.write(data), unless a test injects a fault
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename is None:
+            e.filename = str(path)  # write/fsync errors (ENOSPC) carry no file name
         raise
     fsync_dir(path.parent)
 
@@ -107,6 +120,7 @@ def save_checkpoint(path, model, optimizer, config_dict: dict, state: dict, toke
         "state": json.dumps({**state, "param_groups": groups}),
         "sha256": _digest(tensors),
     }
+    meta["meta_sha256"] = _meta_digest(meta)
     atomic_write_bytes(path, save(tensors, metadata=meta))
 
 
@@ -159,10 +173,12 @@ def load_checkpoint(path) -> Checkpoint:
     except Exception as e:  # safetensors raises its own error types for corrupt headers
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"checkpoint {path} is corrupt or truncated: {first}") from None
-    if meta.get("format") != FORMAT:
+    if meta.get("format") not in FORMATS:
         raise CheckpointError(
             f"{path} is not a layerflow checkpoint (format {meta.get('format')!r})")
-    if meta.get("sha256") != _digest(tensors):
+    if meta["format"] != FORMATS[0] and meta.get("meta_sha256") != _meta_digest(meta):
+        raise CheckpointError(f"checkpoint {path} is corrupt: metadata fails its SHA-256 check")
+    if meta.get("sha256") != _digest(tensors, shapes=meta["format"] != FORMATS[0]):
         raise CheckpointError(f"checkpoint {path} is corrupt: tensor data fails its SHA-256 check")
     try:
         config = json.loads(meta["config"])

@@ -18,14 +18,52 @@ class ConfigError(ValueError):
     """A configuration value is invalid. The message names the key."""
 
 
+def _finite(value) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float (e.g. 10**400)
+        return False
+
+
 def _positive(name: str, value: float) -> None:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-        raise ConfigError(f"{name} must be a positive number, got {value!r}")
+    if not (isinstance(value, (int, float)) and _finite(value) and value > 0):
+        raise ConfigError(f"{name} must be a positive number, got {_short(value)}")
 
 
 def _non_negative(name: str, value: float) -> None:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-        raise ConfigError(f"{name} must be a non-negative number, got {value!r}")
+    if not (isinstance(value, (int, float)) and _finite(value) and value >= 0):
+        raise ConfigError(f"{name} must be a non-negative number, got {_short(value)}")
+
+
+def _short(value) -> str:
+    text = repr(value) if not isinstance(value, int) or abs(value) < 10**30 else "a huge integer"
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+# Upper bounds no real run reaches (issue 8): a hostile or mistyped config is refused, naming the
+# key, instead of making the loader allocate terabytes. Integer fields not listed: at most 10**12.
+LIMITS = {"vocab_size": 2**24, "n_layer": 10_000, "n_head": 4096, "n_embd": 2**17,
+          "block_size": 2**20, "mlp_ratio": 256, "n_kv_head": 4096, "head_dim": 2**14,
+          "mlp_hidden": 2**20, "bpe_vocab_size": 2**20, "batch_size": 2**20, "eval_iters": 10**6,
+          "sample_tokens": 10**7, "seed": 2**32 - 1, "basis_size": 1024}
+MAX_PARAMS = 10**11
+
+
+def _check_limits(section) -> None:
+    for f in fields(section):
+        v = getattr(section, f.name)
+        if isinstance(v, bool) or not isinstance(v, int):
+            continue
+        cap = LIMITS.get(f.name, 10**12)
+        if v > cap:
+            raise ConfigError(f"{f.name} = {_short(v)} is absurdly large (at most {cap:,})")
+    if isinstance(section, ModelConfig) and all(
+            isinstance(getattr(section, k), int) for k in ("n_layer", "n_embd", "mlp_ratio")):
+        d = section.n_embd
+        est = section.n_layer * (4 + 2 * section.mlp_ratio) * d * d
+        if est > MAX_PARAMS:
+            raise ConfigError(f"n_layer = {section.n_layer} with n_embd = {d} means about "
+                              f"{est:.1e} parameters, absurdly many (at most {MAX_PARAMS:.0e})")
 
 
 def _choice(name: str, value: str, choices) -> None:
@@ -54,6 +92,7 @@ class ModelConfig:
     norm: str = field(default="layernorm", metadata=_h("normalisation: layernorm | rmsnorm"))
 
     def __post_init__(self):
+        _check_limits(self)
         _choice("model", self.model, MODEL_FAMILIES)
         _non_negative("vocab_size", self.vocab_size)
         for name in ("n_layer", "n_head", "n_embd", "block_size", "mlp_ratio"):
@@ -104,6 +143,7 @@ class FlowConfig:
     def __post_init__(self):
         from .integrators import INTEGRATORS
 
+        _check_limits(self)
         _choice("integrator", self.integrator, INTEGRATORS)
         _positive("total_time", self.total_time)
         _check_flow_fields(self)
@@ -166,6 +206,7 @@ class DataConfig:
     def __post_init__(self):
         from .data import TOKENIZERS
 
+        _check_limits(self)
         _choice("tokenizer", self.tokenizer, TOKENIZERS)
         if not isinstance(self.bpe_vocab_size, int) or self.bpe_vocab_size < 260:
             raise ConfigError(
@@ -197,6 +238,9 @@ class TrainConfig:
     device: str = field(default="cpu", metadata=_h("cpu | cuda | auto"))
     sample_tokens: int = field(default=300, metadata=_h("tokens sampled at the end; 0 = none"))
     progress: bool = field(default=True, metadata=_h("show a progress bar"))
+    nan_policy: str = field(default="stop", metadata=_h(
+        "non-finite loss or gradient: stop (keep the last good checkpoint) | skip the update "
+        "(stops after 10 bad steps in a row)"))
     # speed and scale (issue 7; see speed.py and distributed.py)
     grad_accum: int = field(default=1, metadata=_h(
         "micro-batches per optimizer step (batch_size is the global batch, split over "
@@ -208,6 +252,8 @@ class TrainConfig:
         "stop when an evaluation reaches val loss <= this (time-to-target); 0 = off"))
 
     def __post_init__(self):
+        _check_limits(self)
+        _choice("nan_policy", self.nan_policy, ("stop", "skip"))
         for name in ("max_iters", "batch_size", "eval_interval", "eval_iters", "log_interval",
                      "keep_checkpoints"):
             _positive(name, getattr(self, name))
@@ -228,7 +274,7 @@ class TrainConfig:
 # Training keys that may change when a run is resumed (they do not change the math of a step).
 RESUMABLE_KEYS = {
     "max_iters", "eval_interval", "log_interval", "ckpt_interval", "sample_tokens", "device",
-    "progress", "keep_checkpoints", "eval_iters",
+    "progress", "keep_checkpoints", "eval_iters", "nan_policy",
 }
 RESUMABLE_KEYS |= {"grad_accum", "precision", "compile", "stop_at_val"}  # issue 7: same math
 

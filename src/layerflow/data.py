@@ -43,6 +43,8 @@ def read_corpus_bytes(path: str) -> bytes:
     p = Path(path)
     if not p.exists():
         raise DataError(f"data path not found: {path}")
+    if not p.is_dir() and not p.is_file():  # a FIFO or /dev/zero would block or never end
+        raise DataError(f"data path {path} is not a regular file or folder")
     if p.is_dir():
         files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES
                        and not any(part.startswith(".") for part in f.relative_to(p).parts))
@@ -147,7 +149,9 @@ class BPETokenizer:
             vocab_size=vocab_size, show_progress=False,
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         )
-        lines = text.splitlines(keepends=True)
+        from .bulk import safe_chunks  # a 50 MB line becomes pieces with the same word counts
+
+        lines = [c for line in text.splitlines(keepends=True) for c in safe_chunks(line)]
         tok.train_from_iterator((lines[i:i + 1000] for i in range(0, len(lines), 1000)),
                                 trainer=trainer)
         return cls(tok)
@@ -166,6 +170,22 @@ TOKENIZERS = {"byte", "char", "bpe"}
 
 
 def tokenizer_from_dict(d: dict):
+    """The tokenizer saved as `d`; anything malformed (a hostile checkpoint) is a DataError."""
+    try:
+        tok = _tokenizer_from_dict(d)
+    except DataError:
+        raise
+    except Exception as e:  # KeyError, TypeError, the tokenizers library's own errors
+        raise DataError(f"saved tokenizer is malformed: {type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200] if str(e) else ''}") from None
+    if not isinstance(getattr(tok, "vocab_size", None), int) or tok.vocab_size <= 0:
+        raise DataError("saved tokenizer is malformed: empty vocabulary")
+    return tok
+
+
+def _tokenizer_from_dict(d: dict):
+    if not isinstance(d, dict):
+        raise DataError(f"saved tokenizer is malformed: expected a mapping, got {type(d).__name__}")
     kind = d.get("type")
     if kind == "byte":
         return ByteTokenizer()
@@ -192,9 +212,17 @@ def build_tokenizer(kind: str, data: bytes, bpe_vocab_size: int = 1024, source: 
 def encode_corpus(tokenizer, data: bytes, source: str = "data") -> np.ndarray:
     if tokenizer.kind == "byte":
         return np.frombuffer(data, dtype=np.uint8).astype(np.uint16)
-    ids = tokenizer.encode(decode_text(data, source))
+    text = decode_text(data, source)
     dtype = np.uint16 if tokenizer.vocab_size <= 65536 else np.uint32
-    return np.asarray(ids, dtype=dtype)
+    if tokenizer.kind == "char":  # bounded memory for huge corpora (bulk.py)
+        from .bulk import char_encode_array
+
+        return char_encode_array(tokenizer.chars, text, dtype, DataError)
+    if tokenizer.kind == "bpe":
+        from .bulk import bpe_encode_array
+
+        return bpe_encode_array(tokenizer.tok, text, dtype)
+    return np.asarray(tokenizer.encode(text), dtype=dtype)
 
 
 # ----------------------------------------------------------------------------- token files

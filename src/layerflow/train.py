@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from . import distributed as ddp
+from . import faults
 from .checkpoint import (
     CheckpointError,
     atomic_write_bytes,
@@ -32,6 +33,7 @@ from .checkpoint import (
 from .config import RunConfig
 from .data import DataError, prepare_data, split_tokens, tokenizer_from_dict
 from .model import FlowLM, build_model
+from .runlock import run_locked
 from .speed import autocast_for, maybe_compile
 
 
@@ -156,6 +158,7 @@ def read_metrics(run_dir) -> list[dict]:
     return out
 
 
+@run_locked  # runlock.py: lock run_dir (rank 0), clean stale temp files, OSError -> TrainError
 def train(cfg: RunConfig, run_dir, on_step=None) -> dict:
     """Train (or resume) the run in `run_dir`. `on_step(it, loss)` is called after each step
     (tests use it to interrupt). Returns a summary dict."""
@@ -181,7 +184,11 @@ def train(cfg: RunConfig, run_dir, on_step=None) -> dict:
         if bad:
             raise TrainError(f"run directory {run_dir} holds a checkpoint from another config: "
                              f"{bad}; use a new --out directory")
-        tokenizer = tokenizer_from_dict(ckpt.tokenizer)
+        try:
+            tokenizer = tokenizer_from_dict(ckpt.tokenizer)
+        except DataError as e:
+            raise CheckpointError(
+                f"checkpoint {ckpt.path} has an unusable tokenizer: {e}") from None
     tokenizer, ids = prepare_data(cfg.data, run_dir, tokenizer)
     data = split_tokens(ids, cfg.data.val_fraction, cfg.model.block_size)
     cfg = cfg.replace(vocab_size=tokenizer.vocab_size)
@@ -222,6 +229,7 @@ def train(cfg: RunConfig, run_dir, on_step=None) -> dict:
     bar = _progress(tc if dinfo.is_main else tc.__class__(**{**vars(tc), "progress": False}),
                     start)
     t_last, it_last = time.perf_counter(), start
+    guard = faults.StepGuard(tc.nan_policy)
     model.train()
     try:
         with stop_requests() as stop:
@@ -255,17 +263,23 @@ def train(cfg: RunConfig, run_dir, on_step=None) -> dict:
                     g["lr"] = lr
                 x, y = data.get_batch("train", tc.batch_size, data_gen, dinfo.rank,
                                       dinfo.world_size)
-                # micro-batches, backward, all-reduced loss and stop flag (distributed.py)
+                # micro-batches, backward, all-reduced loss and stop flag (distributed.py);
+                # faults.inject_loss is a test hook (LAYERFLOW_FAULTS), else a no-op
                 loss, stop_all = ddp.forward_backward(
                     fmodel, x.to(device), y.to(device), tc.grad_accum, dinfo, autocast,
-                    bool(stop["signal"]))
-                if not torch.isfinite(loss):
-                    status = (f"stopped: loss is {loss.item()} at iteration {it}; "
-                              f"the last good checkpoint is kept")
+                    bool(stop["signal"]), lambda v, it=it: faults.inject_loss(it, v))
+                faults.inject_grads(it, model)
+                fault = guard.check(it, loss, model, tc.grad_clip)  # clips; loss + grad norm
+                if fault is not None and not guard.skip():
+                    status = guard.stop_message(fault, run_dir)
                     log.write({"kind": "error", "iter": it, "message": status})
                     break
-                if tc.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+                if fault is not None:  # nan_policy = skip: drop this update (faults.py)
+                    log.write({"kind": "skip", "iter": it, "message": fault})
+                    optimizer.zero_grad(set_to_none=True)
+                    it += 1
+                    bar.update(1)
+                    continue
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 last_loss = loss.item()
