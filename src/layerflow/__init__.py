@@ -2,6 +2,7 @@
 
 from .config import DataConfig, FlowConfig, ModelConfig, RunConfig, TrainConfig
 from .fields import MLP, CausalSelfAttention, KVCache, TransformerField
+from .hf import from_pretrained
 from .hooks import Trajectory, hooks, run_with_trajectory
 from .integrators import (
     INTEGRATORS, ExplicitEuler, Integrator, LieTrotter, get_integrator, integrate, register,
@@ -16,5 +17,5 @@ __all__ = [
     "MLP", "CausalSelfAttention", "KVCache", "TransformerField",
     "Trajectory", "hooks", "run_with_trajectory",
     "INTEGRATORS", "ExplicitEuler", "Integrator", "LieTrotter", "get_integrator", "integrate",
-    "register", "FlowLM", "build_model", "load_run", "train",
+    "register", "FlowLM", "build_model", "load_run", "train", "from_pretrained",
 ]

@@ -82,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="describe a run: config, size, progress")
     i.add_argument("run_dir")
 
+    h = sub.add_parser("import-hf", help="import a local Hugging Face GPT-2/Llama model as a run")
+    h.add_argument("path", help="local model directory (config.json + weights; no download)")
+    h.add_argument("out_run_dir", help="new run directory to write")
+
     from .analysis.command import add_analyze_parser  # issue 6
 
     add_analyze_parser(sub)
@@ -149,7 +153,16 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_import_hf(args) -> int:
+    from .hf import import_hf
+
+    path = import_hf(args.path, args.out_run_dir)
+    print(f"imported {args.path} -> {path}")
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "sample": cmd_sample, "info": cmd_info}
+COMMANDS["import-hf"] = cmd_import_hf  # issue 9
 
 
 def cmd_analyze(args) -> int:

@@ -79,7 +79,8 @@ def _h(text: str) -> dict:
 class ModelConfig:
     """Architecture of the vector field and the embedding/unembedding around the flow."""
 
-    model: str = field(default="flow", metadata=_h("model family: flow (attention+MLP field)"))
+    model: str = field(default="flow", metadata=_h("model family: flow (attention+MLP field) | "
+                                                                "gpt2 | llama (imported)"))
     vocab_size: int = field(default=0, metadata=_h("vocabulary size; 0 = from the tokenizer"))
     n_layer: int = field(default=4, metadata=_h("number of integrator steps L (layers)"))
     n_head: int = field(default=4, metadata=_h("attention heads"))
@@ -90,18 +91,28 @@ class ModelConfig:
     bias: bool = field(default=True, metadata=_h("biases in linear layers and norms"))
     pos_emb: str = field(default="learned", metadata=_h("positions: learned | rope"))
     norm: str = field(default="layernorm", metadata=_h("normalisation: layernorm | rmsnorm"))
+    # Imported architectures (model = gpt2 | llama; see hf.py). 0 = derived default.
+    n_kv_head: int = field(default=0, metadata=_h("key/value heads (grouped-query); 0 = n_head"))
+    head_dim: int = field(default=0, metadata=_h("attention head width; 0 = n_embd/n_head"))
+    mlp_hidden: int = field(default=0, metadata=_h("MLP hidden width; 0 = mlp_ratio*n_embd"))
+    activation: str = field(default="gelu", metadata=_h("MLP activation: gelu | gelu_tanh | "
+                                                          "relu | silu (gated for llama)"))
+    norm_eps: float = field(default=0.0, metadata=_h("norm epsilon; 0 = 1e-5 LN, 1e-6 RMS"))
+    rope_theta: float = field(default=10000.0, metadata=_h("RoPE base frequency"))
+    tie_head: bool = field(default=True, metadata=_h("unembedding tied to the embedding"))
 
     def __post_init__(self):
         _check_limits(self)
         _choice("model", self.model, MODEL_FAMILIES)
+        _check_imported_fields(self)
         _non_negative("vocab_size", self.vocab_size)
         for name in ("n_layer", "n_head", "n_embd", "block_size", "mlp_ratio"):
             _positive(name, getattr(self, name))
-        if self.n_embd % self.n_head:
+        if not self.head_dim and self.n_embd % self.n_head:
             raise ConfigError(
                 f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
             )
-        if self.pos_emb == "rope" and (self.n_embd // self.n_head) % 2:
+        if self.pos_emb == "rope" and (self.head_dim or self.n_embd // self.n_head) % 2:
             raise ConfigError("pos_emb rope needs an even head dimension n_embd/n_head")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
@@ -109,7 +120,31 @@ class ModelConfig:
         _choice("norm", self.norm, ("layernorm", "rmsnorm"))
 
 
-MODEL_FAMILIES = {"flow"}
+MODEL_FAMILIES = {"flow", "gpt2", "llama"}
+
+
+IMPORTED_FAMILIES = {"gpt2", "llama"}  # built by fields/pretrained.py (see hf.py)
+
+
+def _check_imported_fields(m: "ModelConfig") -> None:
+    """Validate the fields used by imported architectures (gpt2: LayerNorm + GELU MLP; llama:
+    RMSNorm + gated MLP + grouped-query attention); the flow family uses none of them."""
+    for name in ("n_kv_head", "head_dim", "mlp_hidden"):
+        v = getattr(m, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ConfigError(f"{name} must be a non-negative integer, got {v!r}")
+    _choice("activation", m.activation, ("gelu", "gelu_tanh", "relu", "silu"))
+    _non_negative("norm_eps", m.norm_eps)
+    _positive("rope_theta", m.rope_theta)
+    if m.model not in IMPORTED_FAMILIES:
+        for name, default in (("n_kv_head", 0), ("head_dim", 0), ("mlp_hidden", 0),
+                              ("activation", "gelu"), ("norm_eps", 0.0), ("rope_theta", 10000.0)):
+            if getattr(m, name) != default:
+                raise ConfigError(f"{name} is only used by the model families "
+                                  f"{', '.join(sorted(IMPORTED_FAMILIES))}, not {m.model!r}")
+        return
+    if m.n_kv_head and m.n_head % m.n_kv_head:
+        raise ConfigError(f"n_head ({m.n_head}) must be a multiple of n_kv_head ({m.n_kv_head})")
 
 
 @dataclass(frozen=True)

@@ -166,7 +166,43 @@ class BPETokenizer:
         return {"type": "bpe", "tokenizer": self.tok.to_str()}
 
 
-TOKENIZERS = {"byte", "char", "bpe"}
+class HFTokenizer(BPETokenizer):
+    """A Hugging Face fast tokenizer (`tokenizer.json`) carried over from an imported model."""
+
+    kind = "hf"
+
+    def to_dict(self) -> dict:
+        return {"type": "hf", "tokenizer": self.tok.to_str()}
+
+
+class IdTokenizer:
+    """Token ids written as decimal numbers ("464 3290 318"): the tokenizer of an imported model
+    whose source had none."""
+
+    kind = "ids"
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = int(vocab_size)
+
+    def encode(self, text: str) -> list[int]:
+        try:
+            ids = [int(w) for w in text.split()]
+        except ValueError:
+            raise DataError("this run has no tokenizer: write the prompt as token ids, e.g. "
+                            "'464 3290 318'") from None
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise DataError(f"token id {bad[0]} outside the vocabulary 0..{self.vocab_size - 1}")
+        return ids
+
+    def decode(self, ids) -> str:
+        return " ".join(str(int(i)) for i in ids)
+
+    def to_dict(self) -> dict:
+        return {"type": "ids", "vocab_size": self.vocab_size}
+
+
+TOKENIZERS = {"byte", "char", "bpe", "hf", "ids"}  # hf, ids: only from an imported model
 
 
 def tokenizer_from_dict(d: dict):
@@ -195,6 +231,12 @@ def _tokenizer_from_dict(d: dict):
         from tokenizers import Tokenizer
 
         return BPETokenizer(Tokenizer.from_str(d["tokenizer"]))
+    if kind == "hf":
+        from tokenizers import Tokenizer
+
+        return HFTokenizer(Tokenizer.from_str(d["tokenizer"]))
+    if kind == "ids":
+        return IdTokenizer(d["vocab_size"])
     raise DataError(f"unknown tokenizer type {kind!r}")
 
 
@@ -206,6 +248,9 @@ def build_tokenizer(kind: str, data: bytes, bpe_vocab_size: int = 1024, source: 
         return CharTokenizer.train(text)
     if kind == "bpe":
         return BPETokenizer.train(text, bpe_vocab_size)
+    if kind in ("hf", "ids"):
+        raise DataError(f"tokenizer {kind!r} comes with an imported model (layerflow import-hf) "
+                        "and cannot be built from a corpus; choose byte, char or bpe")
     raise DataError(f"unknown tokenizer {kind!r}; choose one of: {', '.join(sorted(TOKENIZERS))}")
 
 

@@ -23,9 +23,10 @@ class FlowLM(nn.Module):
     def __init__(self, vocab_size: int, n_embd: int, block_size: int, fields, integrator:
                  Integrator, step_size: float = 1.0, pos_emb: str = "learned",
                  norm: str = "layernorm", bias: bool = True, dropout: float = 0.0,
-                 n_steps: int | None = None):
+                 n_steps: int | None = None, tie_head: bool = True):
         """`fields`: one module per step (untied), or a single module shared by all `n_steps`
-        steps (tied: an autonomous ODE, or smooth in t if the module uses t)."""
+        steps (tied: an autonomous ODE, or smooth in t if the module uses t).
+        `tie_head=False` gives the unembedding its own matrix `lm_head` (e.g. imported Llamas)."""
         super().__init__()
         fields = list(fields) if isinstance(fields, (list, tuple, nn.ModuleList)) else [fields]
         self.vocab_size, self.n_embd, self.block_size = vocab_size, n_embd, block_size
@@ -39,6 +40,7 @@ class FlowLM(nn.Module):
             raise ValueError(f"{len(fields)} fields for {self.n_steps} steps")
         self.step_size = float(step_size)
         self.ln_f = make_norm(norm, n_embd, bias)
+        self.lm_head = None if tie_head else nn.Linear(n_embd, vocab_size, bias=False)
         self._hooks: list = []
 
     # ------------------------------------------------------------------ the flow
@@ -67,7 +69,10 @@ class FlowLM(nn.Module):
         return integrate(self.integrator, field_at, self.step_sizes(), x, ctx)
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
-        """Unembedding with the embedding matrix (tied): logits = x Eᵀ (x already normed)."""
+        """Unembedding: logits = x Eᵀ with the embedding matrix (tied), or x Wᵀ with the own
+        `lm_head` matrix W when untied (x already normed)."""
+        if self.lm_head is not None:
+            return self.lm_head(x)
         return F.linear(x, self.wte.weight)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
@@ -147,12 +152,18 @@ def build_model(cfg, vocab_size: int | None = None) -> FlowLM:
     """FlowLM from a RunConfig (strings resolved through the registries here, once)."""
     m, fl = cfg.model, cfg.flow
     vocab_size = vocab_size or m.vocab_size
+    if m.model in ("gpt2", "llama"):  # imported architectures (see hf.py)
+        from .fields.pretrained import build_pretrained
+
+        return build_pretrained(cfg, vocab_size)
     fields = make_fields(cfg)  # untied / tied / smooth weights in time (integrators/continuous.py)
     model = FlowLM(vocab_size, m.n_embd, m.block_size, fields,
                    INTEGRATORS[fl.integrator].from_config(fl), n_steps=m.n_layer,
                    step_size=fl.resolve_step_size(m.n_layer), pos_emb=m.pos_emb, norm=m.norm,
-                   bias=m.bias, dropout=m.dropout)
+                   bias=m.bias, dropout=m.dropout, tie_head=m.tie_head)
     nn.init.normal_(model.wte.weight, 0.0, 0.02)
+    if model.lm_head is not None:
+        nn.init.normal_(model.lm_head.weight, 0.0, 0.02)
     if model.wpe is not None:
         nn.init.normal_(model.wpe.weight, 0.0, 0.02)
     return configure_flow(model, cfg)
