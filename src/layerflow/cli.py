@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=_number(int), default=0)
     s.add_argument("--num-samples", type=_number(int), default=1)
     s.add_argument("--no-cache", action="store_true", help="recompute the context every token")
+    from .evaluate import add_eval_parser, add_steps_argument  # issue 3: --steps, eval
+
+    add_steps_argument(s)
 
     i = sub.add_parser("info", help="describe a run: config, size, progress")
     i.add_argument("run_dir")
@@ -89,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .analysis.command import add_analyze_parser  # issue 6
 
     add_analyze_parser(sub)
+    add_eval_parser(sub)
     return p
 
 
@@ -120,6 +124,9 @@ def cmd_sample(args) -> int:
     if args.top_k < 0 or args.num_samples <= 0:
         raise ConfigError("--top-k must be >= 0 and --num-samples positive")
     model, tok, cfg, _ = load_run(args.run_dir)
+    from .evaluate import apply_steps
+
+    apply_steps(model, args.steps)  # issue 3: re-discretise tied/smooth models in depth-time
     ids = tok.encode(args.prompt)
     if not ids:
         raise ConfigError("--prompt encodes to no tokens")
@@ -172,6 +179,15 @@ def cmd_analyze(args) -> int:
 
 
 COMMANDS["analyze"] = cmd_analyze  # issue 6
+
+
+def cmd_eval(args) -> int:
+    from .evaluate import cmd_eval as run
+
+    return run(args)
+
+
+COMMANDS["eval"] = cmd_eval  # issue 3
 
 
 def main(argv=None) -> int:
