@@ -93,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_analyze_parser(sub)
     add_eval_parser(sub)
+
+    from .sweep import add_sweep_parser  # issue 4
+
+    add_sweep_parser(sub)
     return p
 
 
@@ -154,6 +158,13 @@ def cmd_info(args) -> int:
     print(f"flow          {f.integrator}, h={model.step_size:g}, steps={model.n_steps}")
     print(f"tokenizer     {tok.kind}, vocab {tok.vocab_size}")
     print(f"parameters    {model.num_params():,}")
+    cert = model.lipschitz_bound()  # issue 4: certificate of the flow map (constraints.py)
+    if cert is None:
+        from .constraints import why_no_certificate
+
+        print(f"lipschitz     none: {why_no_certificate(model)}")
+    else:
+        print(f"lipschitz     {cert.summary()}")
     if evals:
         print(f"last eval     iter {evals[-1]['iter']}: train {evals[-1]['train_loss']:.4f} "
               f"val {evals[-1]['val_loss']:.4f}")
@@ -168,7 +179,13 @@ def cmd_import_hf(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "sample": cmd_sample, "info": cmd_info}
+def cmd_sweep(args) -> int:
+    from .sweep import cmd_sweep as run
+
+    return run(args)
+
+
+COMMANDS = {"train": cmd_train, "sample": cmd_sample, "info": cmd_info, "sweep": cmd_sweep}
 COMMANDS["import-hf"] = cmd_import_hf  # issue 9
 
 

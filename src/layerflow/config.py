@@ -100,6 +100,11 @@ class ModelConfig:
     norm_eps: float = field(default=0.0, metadata=_h("norm epsilon; 0 = 1e-5 LN, 1e-6 RMS"))
     rope_theta: float = field(default=10000.0, metadata=_h("RoPE base frequency"))
     tie_head: bool = field(default=True, metadata=_h("unembedding tied to the embedding"))
+    # stability (issue 4): certified non-expansive field, see fields/lipschitz.py
+    vector_field: str = field(default="transformer", metadata=_h(
+        "vector field: transformer | nonexpansive (L2 attention + gradient MLP steps)"))
+    expansive_every: int = field(default=0, metadata=_h(
+        "nonexpansive: every k-th step's MLP is expansive (+h·Wᵀσ(Wx+b)); 0 = never"))
 
     def __post_init__(self):
         _check_limits(self)
@@ -118,6 +123,11 @@ class ModelConfig:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
         _choice("pos_emb", self.pos_emb, ("learned", "rope"))
         _choice("norm", self.norm, ("layernorm", "rmsnorm"))
+        _choice("vector_field", self.vector_field, ("transformer", "nonexpansive"))
+        if isinstance(self.expansive_every, bool) or not isinstance(self.expansive_every, int) \
+                or self.expansive_every < 0:
+            raise ConfigError(f"expansive_every must be a non-negative integer, "
+                              f"got {self.expansive_every!r}")
 
 
 MODEL_FAMILIES = {"flow", "gpt2", "llama"}
@@ -174,6 +184,9 @@ class FlowConfig:
     rtol: float = field(default=1e-3, metadata=_h("relative tolerance of the adaptive solver"))
     atol: float = field(default=1e-4, metadata=_h("absolute tolerance of the adaptive solver"))
     adjoint: bool = field(default=False, metadata=_h("adaptive: backprop by odeint_adjoint"))
+    depth_param: str = field(default="standard", metadata=_h(
+        "depth parametrisation: standard (h = step_size) | ode (h = T/L) | sqrt (h = T/sqrt(L)) "
+        "| rezero | post_norm | deepnorm (see depth_params.py)"))
 
     def __post_init__(self):
         from .integrators import INTEGRATORS
@@ -182,6 +195,11 @@ class FlowConfig:
         _choice("integrator", self.integrator, INTEGRATORS)
         _positive("total_time", self.total_time)
         _check_flow_fields(self)
+        _choice("depth_param", self.depth_param,
+                ("standard", "ode", "sqrt", "rezero", "post_norm", "deepnorm"))
+        if self.depth_param in ("ode", "sqrt") and str(self.step_size).strip() not in ("1", "1.0"):
+            raise ConfigError(f"depth_param {self.depth_param} sets the step size itself; leave "
+                              f"step_size at 1 (got {self.step_size!r})")
         self.resolve_step_size(1)  # validates the expression
 
     def resolve_step_size(self, n_steps: int) -> float:
@@ -198,6 +216,8 @@ class FlowConfig:
                 f"step_size must be a number, 'T/L' or 'c/L', got {self.step_size!r}"
             ) from None
         _positive("step_size", value)
+        if self.depth_param in ("ode", "sqrt"):  # issue 4: depth_params.py
+            value = self.total_time / (n_steps if self.depth_param == "ode" else math.sqrt(n_steps))
         return value
 
 
@@ -276,6 +296,8 @@ class TrainConfig:
     nan_policy: str = field(default="stop", metadata=_h(
         "non-finite loss or gradient: stop (keep the last good checkpoint) | skip the update "
         "(stops after 10 bad steps in a row)"))
+    diag_interval: int = field(default=0, metadata=_h(
+        "steps between gradient/signal diagnostics in metrics.jsonl (kind=diag); 0 = off"))
     # speed and scale (issue 7; see speed.py and distributed.py)
     grad_accum: int = field(default=1, metadata=_h(
         "micro-batches per optimizer step (batch_size is the global batch, split over "
@@ -304,12 +326,16 @@ class TrainConfig:
         _positive("grad_accum", self.grad_accum)
         _choice("precision", self.precision, ("auto", "fp32", "bf16"))
         _non_negative("stop_at_val", self.stop_at_val)
+        if isinstance(self.diag_interval, bool) or not isinstance(self.diag_interval, int) \
+                or self.diag_interval < 0:
+            raise ConfigError(f"diag_interval must be a non-negative integer, "
+                              f"got {self.diag_interval!r}")
 
 
 # Training keys that may change when a run is resumed (they do not change the math of a step).
 RESUMABLE_KEYS = {
     "max_iters", "eval_interval", "log_interval", "ckpt_interval", "sample_tokens", "device",
-    "progress", "keep_checkpoints", "eval_iters", "nan_policy",
+    "progress", "keep_checkpoints", "eval_iters", "diag_interval", "nan_policy",
 }
 RESUMABLE_KEYS |= {"grad_accum", "precision", "compile", "stop_at_val"}  # issue 7: same math
 

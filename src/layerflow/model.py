@@ -129,6 +129,14 @@ class FlowLM(nn.Module):
             tokens = torch.cat([tokens, next_tok], dim=1)
         return tokens
 
+    def lipschitz_bound(self):
+        """Upper bound of the flow map's Lipschitz constant (X_0 ↦ X_L, ℓ₂ per sequence) from its
+        components, per step and composed: a `constraints.Certificate`, or None when the model
+        has no bound (dot-product attention and LayerNorm are not globally Lipschitz)."""
+        from .constraints import flow_certificate
+
+        return flow_certificate(self)
+
     def num_params(self, exclude_embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
         if exclude_embedding and self.wpe is not None:
@@ -156,6 +164,14 @@ def build_model(cfg, vocab_size: int | None = None) -> FlowLM:
         from .fields.pretrained import build_pretrained
 
         return build_pretrained(cfg, vocab_size)
+    if m.vector_field != "transformer" or fl.depth_param in ("rezero", "post_norm", "deepnorm"):
+        from .depth_params import build_variant_model  # issue 4: stability variants
+
+        model = build_variant_model(cfg, vocab_size)
+        nn.init.normal_(model.wte.weight, 0.0, 0.02)
+        if model.wpe is not None:
+            nn.init.normal_(model.wpe.weight, 0.0, 0.02)
+        return model
     fields = make_fields(cfg)  # untied / tied / smooth weights in time (integrators/continuous.py)
     model = FlowLM(vocab_size, m.n_embd, m.block_size, fields,
                    INTEGRATORS[fl.integrator].from_config(fl), n_steps=m.n_layer,

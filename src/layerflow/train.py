@@ -14,7 +14,7 @@ import os
 import signal
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -32,6 +32,7 @@ from .checkpoint import (
 )
 from .config import RunConfig
 from .data import DataError, prepare_data, split_tokens, tokenizer_from_dict
+from .diagnostics import Diagnostics
 from .model import FlowLM, build_model
 from .runlock import run_locked
 from .speed import autocast_for, maybe_compile
@@ -229,6 +230,7 @@ def train(cfg: RunConfig, run_dir, on_step=None) -> dict:
     bar = _progress(tc if dinfo.is_main else tc.__class__(**{**vars(tc), "progress": False}),
                     start)
     t_last, it_last = time.perf_counter(), start
+    diag = Diagnostics(model, tc.diag_interval) if tc.diag_interval else None  # diagnostics.py
     guard = faults.StepGuard(tc.nan_policy)
     model.train()
     try:
@@ -263,11 +265,12 @@ def train(cfg: RunConfig, run_dir, on_step=None) -> dict:
                     g["lr"] = lr
                 x, y = data.get_batch("train", tc.batch_size, data_gen, dinfo.rank,
                                       dinfo.world_size)
-                # micro-batches, backward, all-reduced loss and stop flag (distributed.py);
-                # faults.inject_loss is a test hook (LAYERFLOW_FAULTS), else a no-op
-                loss, stop_all = ddp.forward_backward(
-                    fmodel, x.to(device), y.to(device), tc.grad_accum, dinfo, autocast,
-                    bool(stop["signal"]), lambda v, it=it: faults.inject_loss(it, v))
+                with diag.forward(it) if diag else nullcontext():
+                    # micro-batches, backward, all-reduced loss and stop flag (distributed.py);
+                    # faults.inject_loss is a test hook (LAYERFLOW_FAULTS), else a no-op
+                    loss, stop_all = ddp.forward_backward(
+                        fmodel, x.to(device), y.to(device), tc.grad_accum, dinfo, autocast,
+                        bool(stop["signal"]), lambda v, it=it: faults.inject_loss(it, v))
                 faults.inject_grads(it, model)
                 fault = guard.check(it, loss, model, tc.grad_clip)  # clips; loss + grad norm
                 if fault is not None and not guard.skip():
@@ -277,10 +280,18 @@ def train(cfg: RunConfig, run_dir, on_step=None) -> dict:
                 if fault is not None:  # nan_policy = skip: drop this update (faults.py)
                     log.write({"kind": "skip", "iter": it, "message": fault})
                     optimizer.zero_grad(set_to_none=True)
+                    if diag is not None:
+                        diag.probe = None
                     it += 1
                     bar.update(1)
                     continue
+                if diag and (msg := diag.before_step(it)):
+                    status = msg
+                    log.write({"kind": "error", "iter": it, "message": status})
+                    break
                 optimizer.step()
+                if diag and (rec := diag.after_step(it)):
+                    log.write(rec)
                 optimizer.zero_grad(set_to_none=True)
                 last_loss = loss.item()
                 if on_step is not None:
