@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .evaluate import add_eval_parser, add_steps_argument  # issue 3: --steps, eval
 
     add_steps_argument(s)
+    from .steering import add_steering_arguments  # issue 5: --avoid, --concept, --strength
+
+    add_steering_arguments(s)
 
     i = sub.add_parser("info", help="describe a run: config, size, progress")
     i.add_argument("run_dir")
@@ -136,8 +139,15 @@ def cmd_sample(args) -> int:
         raise ConfigError("--prompt encodes to no tokens")
     g = torch.Generator().manual_seed(args.seed)
     idx = torch.tensor([ids] * args.num_samples, dtype=torch.long)
-    out = model.generate(idx, args.tokens, args.temperature, args.top_k or None,
-                         use_cache=not args.no_cache, generator=g)
+    from .steering import generate_constrained, steering_from_args
+
+    constraints, masks = steering_from_args(args, model, tok)
+    if constraints or masks:
+        out = generate_constrained(model, idx, args.tokens, args.temperature, args.top_k or None,
+                                   not args.no_cache, g, constraints, masks)
+    else:
+        out = model.generate(idx, args.tokens, args.temperature, args.top_k or None,
+                             use_cache=not args.no_cache, generator=g)
     for row in out:
         print(tok.decode(row.tolist()))
         if args.num_samples > 1:

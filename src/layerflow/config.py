@@ -80,7 +80,8 @@ class ModelConfig:
     """Architecture of the vector field and the embedding/unembedding around the flow."""
 
     model: str = field(default="flow", metadata=_h("model family: flow (attention+MLP field) | "
-                                                                "gpt2 | llama (imported)"))
+                                                                "gpt2 | llama (imported) | "
+                                                                "energy (Energy Transformer)"))
     vocab_size: int = field(default=0, metadata=_h("vocabulary size; 0 = from the tokenizer"))
     n_layer: int = field(default=4, metadata=_h("number of integrator steps L (layers)"))
     n_head: int = field(default=4, metadata=_h("attention heads"))
@@ -106,6 +107,11 @@ class ModelConfig:
     expansive_every: int = field(default=0, metadata=_h(
         "nonexpansive: every k-th step's MLP is expansive (+h·Wᵀσ(Wx+b)); 0 = never"))
 
+    # energy model (issue 5, energy_lm.py): n_layer = descent steps of one shared block
+    n_memories: int = field(default=0, metadata=_h("energy: Hopfield memories; 0 = 4*n_embd"))
+    hopfield: str = field(default="relu", metadata=_h("energy: Hopfield memory relu | softmax"))
+    energy_beta: float = field(default=0.0, metadata=_h(
+        "energy: attention inverse temperature beta; 0 = 1/sqrt(head dim)"))
     def __post_init__(self):
         _check_limits(self)
         _choice("model", self.model, MODEL_FAMILIES)
@@ -129,8 +135,19 @@ class ModelConfig:
             raise ConfigError(f"expansive_every must be a non-negative integer, "
                               f"got {self.expansive_every!r}")
 
+        _check_energy_fields(self)
 
-MODEL_FAMILIES = {"flow", "gpt2", "llama"}
+MODEL_FAMILIES = {"flow", "gpt2", "llama", "energy"}
+
+
+def _check_energy_fields(m: "ModelConfig") -> None:
+    """Validate the energy-model fields (issue 5, energy_lm.py)."""
+    if isinstance(m.n_memories, bool) or not isinstance(m.n_memories, int) or m.n_memories < 0:
+        raise ConfigError(f"n_memories must be a non-negative integer, got {m.n_memories!r}")
+    _choice("hopfield", m.hopfield, ("relu", "softmax"))
+    _non_negative("energy_beta", m.energy_beta)
+    if m.model == "energy" and m.pos_emb != "learned":
+        raise ConfigError("model energy supports only pos_emb learned")
 
 
 IMPORTED_FAMILIES = {"gpt2", "llama"}  # built by fields/pretrained.py (see hf.py)

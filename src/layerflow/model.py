@@ -76,11 +76,19 @@ class FlowLM(nn.Module):
         return F.linear(x, self.wte.weight)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                cache: KVCache | None = None, last_only: bool = False):
-        """Returns (logits, loss). With a cache, `idx` holds only the new tokens."""
+                cache: KVCache | None = None, last_only: bool = False, constraints=None):
+        """Returns (logits, loss). With a cache, `idx` holds only the new tokens.
+        `constraints`: energies E_c whose forces −λ∇E_c join the field at every step
+        (steering.py)."""
         if idx.shape[1] + (cache.length if cache else 0) > self.block_size:
             raise ValueError(f"sequence longer than block_size {self.block_size}")
-        ctx = FlowContext(cache, self._hooks) if (cache is not None or self._hooks) else None
+        terms = None
+        if constraints:
+            from .steering import constraint_terms
+
+            terms = constraint_terms(self, constraints)
+        ctx = (FlowContext(cache, self._hooks, terms)
+               if (cache is not None or self._hooks or terms) else None)
         if cache is not None:
             cache.begin()
         x = self.embed(idx, cache.length if cache else 0)
@@ -104,12 +112,18 @@ class FlowLM(nn.Module):
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, use_cache: bool = True,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-        """Sample `max_new_tokens` tokens after `idx` (B, T).
+                 generator: torch.Generator | None = None, constraints=None) -> torch.Tensor:
+        """Sample `max_new_tokens` tokens after `idx` (B, T). `constraints`: a list of
+        constraint energies (steering.py) added to the dynamics while sampling.
 
         Context policy (identical with and without the cache, so both give the same tokens):
         the model sees tokens[start:]; when that exceeds block_size, start jumps forward so the
         newest block_size//2 tokens remain (the cache is then rebuilt from them)."""
+        if constraints:
+            from .steering import generate_constrained
+
+            return generate_constrained(self, idx, max_new_tokens, temperature, top_k, use_cache,
+                                        generator, constraints)
         tokens, start, cache = idx, 0, None
         if not getattr(getattr(self, "solver", None), "supports_cache", True):
             use_cache = False  # adaptive solves: no exact KV cache (integrators/adaptive.py)
@@ -164,6 +178,10 @@ def build_model(cfg, vocab_size: int | None = None) -> FlowLM:
         from .fields.pretrained import build_pretrained
 
         return build_pretrained(cfg, vocab_size)
+    if m.model == "energy":  # causal Energy Transformer (issue 5, energy_lm.py)
+        from .energy_lm import build_energy_model
+
+        return build_energy_model(cfg, vocab_size)
     if m.vector_field != "transformer" or fl.depth_param in ("rezero", "post_norm", "deepnorm"):
         from .depth_params import build_variant_model  # issue 4: stability variants
 

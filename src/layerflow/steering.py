@@ -168,9 +168,13 @@ class WordAvoidance(TokenAvoidance):
         self.pattern = re.compile(rf"(?<![^\W\d_])(?:{alt})(?=[\W\d_])", re.IGNORECASE)
         self.pieces = [tokenizer.decode([i]) for i in range(self.vocab_size)]
         self.tail_tokens = max(len(w) for w in words) + 2
+        self.single_chars = max(len(p) for p in self.pieces) <= 1
+        self.lower_words = [w.lower() for w in words]
 
     def banned(self, tail: str) -> list[int]:
         """Token ids whose text, appended to `tail`, completes a new occurrence."""
+        if self.single_chars and not any(tail.lower().endswith(w) for w in self.lower_words):
+            return []  # one character can only complete a word that the tail already spells
         n = len(self.pattern.findall(tail))
         return [i for i, p in enumerate(self.pieces) if len(self.pattern.findall(tail + p)) > n]
 
@@ -260,3 +264,57 @@ def sample_nll(model, tokens: torch.Tensor, prompt_len: int) -> torch.Tensor:
             break
         s = e - bs // 2
     return total / (T - max(prompt_len, 1))
+
+
+# ---------------------------------------------------------------------- command line
+DEFAULT_AVOID_STRENGTH = 4.0  # chosen on benchmarks/constraints.py (README section energy)
+
+
+def add_steering_arguments(p) -> None:
+    """`layerflow sample` options: --avoid, --concept POS NEG, --strength, --threshold, --mask."""
+    g = p.add_argument_group("constraint energies (steering.py)")
+    g.add_argument("--avoid", metavar="WORDS", help="comma-separated words to avoid (energy "
+                   "−log(1 − P(completing one)) on the states' logits)")
+    g.add_argument("--concept", nargs=2, metavar=("POS_FILE", "NEG_FILE"),
+                   help="keep states below a concept direction estimated from two text files")
+    g.add_argument("--strength", type=float, default=None, help="λ of the constraint forces "
+                   f"(default: {DEFAULT_AVOID_STRENGTH} for --avoid, 1/h for --concept)")
+    g.add_argument("--threshold", type=float, default=None,
+                   help="τ of --concept (default: midpoint of the two texts' mean projections)")
+    g.add_argument("--mask", action="store_true",
+                   help="--avoid by masking the completing tokens at decoding instead")
+
+
+def steering_from_args(args, model, tokenizer):
+    """(constraints, masks) from the parsed `layerflow sample` arguments; ConfigError if bad."""
+    from .config import ConfigError
+
+    constraints, masks = [], []
+    lam = args.strength
+    if lam is not None and not (lam > 0 and lam < float("inf")):
+        raise ConfigError(f"--strength must be a positive number, got {lam}")
+    if args.mask and not args.avoid:
+        raise ConfigError("--mask needs --avoid WORDS")
+    if args.threshold is not None and not args.concept:
+        raise ConfigError("--threshold needs --concept POS_FILE NEG_FILE")
+    if args.avoid:
+        words = [w for w in args.avoid.replace(" ", ",").split(",") if w.strip()]
+        if not words:
+            raise ConfigError("--avoid needs at least one word")
+        c = WordAvoidance(words, tokenizer, lam or DEFAULT_AVOID_STRENGTH)
+        (masks if args.mask else constraints).append(c)
+    if args.concept:
+        texts = []
+        for path in args.concept:
+            try:
+                with open(path, encoding="utf-8") as f:
+                    texts.append(f.read())
+            except (OSError, UnicodeDecodeError) as e:
+                raise ConfigError(f"cannot read concept file {path}: {e}") from None
+        h = float(model.step_sizes()[0])
+        try:
+            constraints.append(ConceptBarrier.from_texts(model, tokenizer, [texts[0]], [texts[1]],
+                                                         args.threshold, lam or 1.0 / h))
+        except ValueError as e:
+            raise ConfigError(f"--concept: {e}") from None
+    return constraints, masks
