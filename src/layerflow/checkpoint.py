@@ -151,10 +151,27 @@ class Checkpoint:
                     f"the model expects {tuple(own[k].shape)}")
         model.load_state_dict(sd)
 
+    def restore(self, model, optimizer, data_gen: torch.Generator) -> int:
+        """Load weights, optimizer state and both RNG states; return the iteration. Anything
+        unusable in a (validly signed but hostile or foreign) file is a CheckpointError."""
+        self.load_model(model)
+        self.load_optimizer(optimizer)
+        it = self.state.get("iter")
+        if isinstance(it, bool) or not isinstance(it, int) or not 0 <= it <= 10**12:
+            raise CheckpointError(f"checkpoint {self.path}: state.iter must be an iteration "
+                                  f"number, got {str(it)[:40]!r}")
+        try:
+            torch.set_rng_state(self.rng("torch"))
+            data_gen.set_state(self.rng("data"))
+        except (TypeError, RuntimeError, ValueError) as e:
+            raise CheckpointError(f"checkpoint {self.path}: unusable RNG state: "
+                                  f"{str(e).splitlines()[0][:200]}") from None
+        return it
+
     def load_optimizer(self, optimizer) -> None:
         try:
             load_optimizer(optimizer, self.tensors, self.state.get("param_groups", []))
-        except (ValueError, KeyError, RuntimeError) as e:
+        except (ValueError, KeyError, RuntimeError, TypeError, AttributeError, IndexError) as e:
             raise CheckpointError(
                 f"checkpoint {self.path}: optimizer state unusable: {e}") from None
 
@@ -186,6 +203,10 @@ def load_checkpoint(path) -> Checkpoint:
         state = json.loads(meta["state"])
     except (KeyError, ValueError) as e:
         raise CheckpointError(f"checkpoint {path} has unreadable metadata: {e}") from None
+    for name, value in (("config", config), ("tokenizer", tokenizer), ("state", state)):
+        if not isinstance(value, dict):
+            raise CheckpointError(f"checkpoint {path} has unreadable metadata: {name} is not "
+                                  "a JSON object")
     return Checkpoint(path, config, tokenizer, state, tensors)
 
 

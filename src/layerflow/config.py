@@ -68,7 +68,8 @@ def _check_limits(section) -> None:
 
 def _choice(name: str, value: str, choices) -> None:
     if value not in choices:
-        raise ConfigError(f"unknown {name} {value!r}; choose one of: {', '.join(sorted(choices))}")
+        raise ConfigError(
+            f"unknown {name} {_short(value)}; choose one of: {', '.join(sorted(choices))}")
 
 
 def _h(text: str) -> dict:
@@ -403,19 +404,20 @@ def _coerce(cls, name: str, key: str, value: Any, ftype: Any) -> Any:
     where = f"{name}.{key}"
     if ftype == "bool":
         if not isinstance(value, bool):
-            raise ConfigError(f"{where} must be true or false, got {value!r}")
+            raise ConfigError(f"{where} must be true or false, got {_short(value)}")
     elif ftype == "int":
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where} must be an integer, got {value!r}")
+            raise ConfigError(f"{where} must be an integer, got {_short(value)}")
     elif ftype == "float":
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where} must be a number, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                isinstance(value, float) or abs(value) < 10**300):
+            raise ConfigError(f"{where} must be a number, got {_short(value)}")
         value = float(value)
     elif ftype == "str":
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             value = str(value)
         if not isinstance(value, str):
-            raise ConfigError(f"{where} must be a string, got {value!r}")
+            raise ConfigError(f"{where} must be a string, got {_short(value)}")
     return value
 
 
@@ -459,6 +461,6 @@ def load_toml(path: str) -> RunConfig:
             d = tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, ValueError) as e:
         raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
     return RunConfig.from_dict(d)

@@ -199,12 +199,8 @@ def train(cfg: RunConfig, run_dir, on_step=None) -> dict:
     optimizer = make_optimizer(model, tc, device)
     data_gen = torch.Generator().manual_seed(tc.seed)
     start = 0
-    if ckpt is not None:
-        ckpt.load_model(model)
-        ckpt.load_optimizer(optimizer)
-        torch.set_rng_state(ckpt.rng("torch"))
-        data_gen.set_state(ckpt.rng("data"))
-        start = int(ckpt.state["iter"])
+    if ckpt is not None:  # weights, AdamW moments, RNG states; CheckpointError if unusable
+        start = ckpt.restore(model, optimizer, data_gen)
     if dinfo.is_main:
         atomic_write_bytes(run_dir / "config.json", cfg.to_json().encode())
         atomic_write_bytes(run_dir / "tokenizer.json", json.dumps(tokenizer.to_dict()).encode())
