@@ -44,6 +44,9 @@ MODELS = {
                                          attention_bias=True, mlp_bias=True),
     "llama-headdim": lambda: llama(head_dim=16),
     "mistral-window": lambda: llama("Mistral", sliding_window=24, max_position_embeddings=64),
+    "llama3-rope": lambda: llama(rope_parameters={
+        "rope_type": "llama3", "rope_theta": 50000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 8}),
 }
 
 
@@ -78,7 +81,8 @@ def test_conventions_matter():
                        (gpt2(), dict(activation="gelu"))):
         model, _ = from_pretrained(hf)
         wrong = build_model(model.run_config.replace(**change)).eval()
-        wrong.load_state_dict(model.state_dict())
+        keep = {k: v for k, v in model.state_dict().items() if not k.endswith("inv_freq")}
+        wrong.load_state_dict(keep, strict=False)  # RoPE frequencies from the wrong θ
         with torch.no_grad():
             assert (wrong(idx)[0] - hf(idx).logits).abs().max() > 1e-4
 
@@ -92,6 +96,10 @@ def test_config_and_head_tying():
     g, _ = from_pretrained(gpt2())
     assert g.lm_head is None and g.run_config.model.activation == "gelu_tanh"
     assert from_pretrained(MODELS["mistral-window"]())[0].block_size == 24
+    scaled = from_pretrained(MODELS["llama3-rope"]())[0].fields[1].attn.inv_freq
+    plain = 1.0 / 50000.0 ** (torch.arange(0, 8, 2) / 8)
+    assert (scaled < plain).all()  # llama3 rescaling: the lowest frequencies divided by 8
+    torch.testing.assert_close(scaled[-1], plain[-1] / 8)
     with pytest.raises(ConfigError, match="n_kv_head"):
         RunConfig().replace(model="llama", n_head=6, n_kv_head=4)
     with pytest.raises(ConfigError, match="only used by"):
@@ -155,8 +163,8 @@ def test_unsupported_architectures(tmp_path, capsys):
         from_pretrained(transformers.GPT2Model(transformers.GPT2Config(
             vocab_size=V, n_positions=8, n_embd=16, n_layer=1, n_head=2, bos_token_id=0,
             eos_token_id=0)))
-    with pytest.raises(HFImportError, match="RoPE type 'linear'"):
-        from_pretrained(llama(rope_parameters={"rope_type": "linear", "factor": 2.0,
+    with pytest.raises(HFImportError, match="RoPE type 'dynamic'.*llama3"):
+        from_pretrained(llama(rope_parameters={"rope_type": "dynamic", "factor": 2.0,
                                                "rope_theta": 10000.0}))
     opt.save_pretrained(tmp_path / "opt")
     capsys.readouterr()
@@ -216,3 +224,17 @@ def test_refinement_converges_on_a_tied_flow():
                for s in (1.0, 0.5, 0.25)]
     assert rediscretise(tied, None, 2.0).n_steps == 2
     assert kls[0] > kls[1] > kls[2] > 0
+
+
+def test_attention_probs_reproduce_the_attention_output():
+    """GQAttention.attention_probs (for analysis): o_proj(P · V) equals the module's output."""
+    model, _ = from_pretrained(llama())
+    attn = model.fields[0].attn
+    x = torch.randn(2, 10, 48, generator=torch.Generator().manual_seed(0))
+    P = attn.attention_probs(x)
+    torch.testing.assert_close(P.sum(-1), torch.ones(2, 6, 10))
+    assert P[0, 0].triu(1).abs().max() == 0
+    v = attn.v_proj(x).view(2, 10, 2, 8).transpose(1, 2).repeat_interleave(3, dim=1)
+    y = attn.o_proj((P @ v).transpose(1, 2).reshape(2, 10, 48))
+    with torch.no_grad():
+        torch.testing.assert_close(y, attn(x), atol=1e-5, rtol=1e-5)

@@ -59,15 +59,19 @@ def _activation(name: str, cls: str) -> str:
     return ACT_NAMES[name]
 
 
+ROPE_TYPES = ("default", "linear", "llama3")  # static frequencies, no attention rescaling
+
+
 def _rope_theta(c, cls: str) -> float:
-    """RoPE base θ; only the default (unscaled) RoPE is supported. Handles both the
-    transformers 5 `rope_parameters` dict and the 4.x `rope_theta` / `rope_scaling` fields."""
+    """RoPE base θ. Frequencies of the static RoPE types are copied exactly (see convert);
+    length-dependent ones (dynamic, longrope) and rescaled attention (yarn) are refused. Handles
+    the transformers 5 `rope_parameters` dict and the 4.x `rope_theta` / `rope_scaling`."""
     params = getattr(c, "rope_parameters", None) or {}
     scaling = getattr(c, "rope_scaling", None) or {}
     kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    if kind != "default":
+    if kind not in ROPE_TYPES:
         raise HFImportError(f"cannot import {cls}: RoPE type {kind!r} is not supported "
-                            "(supported: default RoPE with any rope_theta)")
+                            f"(supported: {', '.join(ROPE_TYPES)})")
     theta = params.get("rope_theta", getattr(c, "rope_theta", 10000.0))
     return float(theta)
 
@@ -154,6 +158,12 @@ def state_dict_from_hf(hf_model, family: str, tie_head: bool) -> dict[str, torch
                 elif k.startswith(h + "mlp."):
                     out[f + "mlp." + k[len(h + "mlp."):]] = v
         out["ln_f.weight"] = sd[p + "norm.weight"]
+        rot = hf_model.model.rotary_emb
+        if float(getattr(rot, "attention_scaling", 1.0)) != 1.0:
+            raise HFImportError(f"cannot import {type(hf_model).__name__}: its RoPE rescales "
+                                "attention (supported: default, linear, llama3)")
+        for i in range(hf_model.config.num_hidden_layers):
+            out[f"fields.{i}.attn.inv_freq"] = _t(rot.inv_freq)
     if not tie_head:
         out["lm_head.weight"] = sd["lm_head.weight"]
     return out

@@ -76,13 +76,17 @@ def next_token_kl(ref_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tenso
 
 
 @torch.no_grad()
-def compare(model, variant, idx: torch.Tensor) -> dict:
-    """Mean/max next-token KL(original ‖ variant) and top-1 agreement on token batch `idx`."""
-    ref, _ = model(idx)
-    out, _ = variant(idx)
+def compare(model, variant, idx: torch.Tensor, targets: torch.Tensor | None = None) -> dict:
+    """Mean/max next-token KL(original ‖ variant) and top-1 agreement on token batch `idx`;
+    with `targets`, also both models' cross-entropy losses."""
+    ref, ref_loss = model(idx, targets)
+    out, loss = variant(idx, targets)
     kl = next_token_kl(ref, out)
     agree = (ref.argmax(-1) == out.argmax(-1)).double().mean()
-    return {"kl_mean": kl.mean().item(), "kl_max": kl.max().item(), "top1_agree": agree.item()}
+    row = {"kl_mean": kl.mean().item(), "kl_max": kl.max().item(), "top1_agree": agree.item()}
+    if targets is not None:
+        row.update(loss_ref=ref_loss.item(), loss=loss.item())
+    return row
 
 
 def default_schemes(model) -> list[tuple[str, float]]:
@@ -92,7 +96,8 @@ def default_schemes(model) -> list[tuple[str, float]]:
 
 
 @torch.no_grad()
-def rediscretisation_table(model, idx: torch.Tensor, schemes=None) -> list[dict]:
+def rediscretisation_table(model, idx: torch.Tensor, schemes=None,
+                           targets: torch.Tensor | None = None) -> list[dict]:
     """One row per (integrator, scale): KL of the re-discretised model against `model`.
 
     An integrator that cannot run this field (e.g. one needing a field of another kind) gives a
@@ -106,7 +111,7 @@ def rediscretisation_table(model, idx: torch.Tensor, schemes=None) -> list[dict]
             try:
                 variant = rediscretise(model, name, s)
                 row["steps"], row["h"] = variant.n_steps, variant.step_size
-                row.update(compare(model, variant, idx))
+                row.update(compare(model, variant, idx, targets))
             except Exception as e:  # reported, not raised: one scheme must not sink the table
                 row["error"] = f"{type(e).__name__}: {e}"[:200]
             rows.append(row)

@@ -9,7 +9,8 @@ or Llama (Touvron et al. 2023) is a `FlowLM` whose field is `PretrainedField`:
     M(X) = W_d (σ(W_g X) ⊙ W_u X)       (llama: SwiGLU, σ = SiLU; Shazeer 2020)
 
 with N = LayerNorm (gpt2) or RMSNorm (llama; Zhang & Sennrich 2019), R_θ the rotary embedding
-(Su et al. 2021, half-split pairs (x_i, x_{i+d/2}), HF's `rotate_half` convention, base θ) and
+(Su et al. 2021, half-split pairs (x_i, x_{i+d/2}), HF's `rotate_half` convention, frequencies
+ω_i = θ^(-2i/d_h), stored as a buffer so statically rescaled ones (linear, llama3) import too) and
 grouped-query attention (Ainslie et al. 2023): n_kv_head ≤ n_head key/value heads, query head j
 reading key/value head ⌊j / (n_head / n_kv_head)⌋. `PretrainedField` subclasses
 `TransformerField`, so it has the same terms, term names and hook points.
@@ -23,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .transformer import TransformerField, apply_rope, rope_tables
+from .transformer import TransformerField, apply_rope
 
 ACTIVATIONS = {
     "gelu": F.gelu,
@@ -57,6 +58,15 @@ class GQAttention(nn.Module):
         self.k_proj = nn.Linear(n_embd, self.n_kv_head * hd, bias=bias)
         self.v_proj = nn.Linear(n_embd, self.n_kv_head * hd, bias=bias)
         self.o_proj = nn.Linear(n_head * hd, n_embd, bias=bias)
+        if rope:  # θ^(-2i/d_h); saved with the weights, so scaled RoPE (llama3, linear) imports
+            inv = 1.0 / (self.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
+            self.register_buffer("inv_freq", inv)
+
+    def rope_tables(self, start: int, T: int, device):
+        """cos/sin of the angles p·ω_i for positions p = start..start+T-1, shape (T, d_h/2)."""
+        pos = torch.arange(start, start + T, device=device, dtype=torch.float32)
+        ang = pos[:, None] * self.inv_freq.float()[None, :]
+        return ang.cos(), ang.sin()
 
     def forward(self, x: torch.Tensor, ctx=None) -> torch.Tensor:
         B, T, _ = x.shape
@@ -67,8 +77,7 @@ class GQAttention(nn.Module):
         cache = ctx.cache if ctx is not None else None
         past = cache.length if cache is not None else 0
         if self.rope:
-            cos, sin = rope_tables(hd, torch.arange(past, past + T, device=x.device),
-                                   self.rope_theta)
+            cos, sin = self.rope_tables(past, T, x.device)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.extend(k, v)
@@ -84,6 +93,22 @@ class GQAttention(nn.Module):
             mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, nh * hd))
+
+    @torch.no_grad()
+    def attention_probs(self, x: torch.Tensor) -> torch.Tensor:
+        """Causal attention probabilities (B, n_head, T, T) on the (normed) input x, computed
+        from the weights as `forward` uses them (no cache: positions 0..T-1)."""
+        B, T, _ = x.shape
+        hd, nh = self.head_dim, self.n_head
+        q = self.q_proj(x).view(B, T, nh, hd).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, hd).transpose(1, 2)
+        if self.rope:
+            cos, sin = self.rope_tables(0, T, x.device)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k = k.repeat_interleave(nh // self.n_kv_head, dim=1)
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(hd)
+        mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+        return scores.masked_fill(~mask, float("-inf")).softmax(-1)
 
 
 class PlainMLP(nn.Module):
