@@ -38,19 +38,21 @@ def _grads(loss_fn, tensors):
     return [t.grad.clone() for t in tensors]
 
 
+@pytest.mark.parametrize("learn_h", [False, True])
 @pytest.mark.parametrize("name", INVERTIBLE)
-def test_reversible_gradients_equal_autograd(name):
-    """float64, 8 untied trainable steps and learnable step sizes: relative error ≤ 1e-8."""
+def test_reversible_gradients_equal_autograd(name, learn_h):
+    """float64, 8 untied trainable steps (and learnable step sizes): relative error ≤ 1e-8.
+    Fixed h uses the schemes' fused `reverse_step` where they have one."""
     torch.manual_seed(0)
     mods = untied_fields(8, torch.float64)
     for m in mods:
         for p in m.parameters():
             p.requires_grad_(True)
     x = torch.randn(2, 8, 16, dtype=torch.float64, requires_grad=True)
-    raw = torch.full((8,), -1.0, dtype=torch.float64, requires_grad=True)
+    raw = torch.full((8,), -1.0, dtype=torch.float64, requires_grad=learn_h)
     w = torch.randn(2, 8, 16, dtype=torch.float64)
     integ = get_integrator(name)
-    params = [x, raw] + [p for m in mods for p in m.parameters()]
+    params = [x] + [raw] * learn_h + [p for m in mods for p in m.parameters()]
 
     def hs():
         return list(torch.nn.functional.softplus(raw).unbind())
@@ -103,10 +105,10 @@ def test_saved_activations_do_not_grow_with_depth():
     sizes = {}
     for n in (4, 32):
         sizes[n] = {
-            "rev": saved_bytes(lambda: reversible_integrate(integ, lambda k: module, [0.1] * n,
-                                                            x))[0],
-            "plain": saved_bytes(lambda: integrate(integ, lambda k: BoundField(module),
-                                                   [0.1] * n, x))[0],
+            "rev": saved_bytes(lambda n=n: reversible_integrate(integ, lambda k: module,
+                                                                [0.1] * n, x))[0],
+            "plain": saved_bytes(lambda n=n: integrate(integ, lambda k: BoundField(module),
+                                                       [0.1] * n, x))[0],
         }
     # only the vector of step sizes (8 bytes per step) grows
     assert sizes[32]["rev"] - sizes[4]["rev"] == 8 * (32 - 4)

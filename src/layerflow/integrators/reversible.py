@@ -56,8 +56,14 @@ class _ReversibleFlow(torch.autograd.Function):
         g_params = [torch.zeros_like(p) for p in params]
         g_H = torch.zeros_like(H)
         learn_h = ctx.needs_input_grad[3]
+        fast = hasattr(integ, "reverse_step") and not learn_h
         for k in reversed(range(ctx.n_steps)):
             field = BoundField(module_at(k))
+            if fast:  # the scheme reuses its field evaluations for inverse + VJP
+                state, g_state = integ.reverse_step(field, _times(H, k).item() if k else 0.0,
+                                                    H[k].item(), state, g_state, params,
+                                                    g_params)
+                continue
             with torch.no_grad():
                 prev = integ.inverse_step(field, _times(H, k), H[k], state)
             with torch.enable_grad():

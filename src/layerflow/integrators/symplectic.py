@@ -44,6 +44,19 @@ class SecondOrderIntegrator(Integrator):
         raise NotImplementedError
 
 
+def _vjp(f, point, params, g):
+    """(Jₓᵀg, [J_θᵀg]) of the evaluation f = F(point) (point a leaf)."""
+    grads = torch.autograd.grad(f, (point, *params), g, allow_unused=True)
+    return grads[0], grads[1:]
+
+
+def _add(acc, grads):
+    for i, g in enumerate(grads):
+        if g is not None:
+            acc[i] = acc[i] + g
+    return acc
+
+
 @register
 class SymplecticEuler(SecondOrderIntegrator):
     name, order = "symplectic_euler", 1
@@ -75,6 +88,29 @@ class Leapfrog(SecondOrderIntegrator):
         x = x - h * v
         return (x, v - (h / 2) * field(x, t))
 
+    def reverse_step(self, field, t, h, state, grad, params, g_params):
+        """Reconstruct the previous state and pull the gradient back through one step, reusing
+        each field evaluation for both (2 evaluations, as in the forward step).
+
+        forward: v½ = v + h/2·f₀, f₀ = F(x, t);  x' = x + h·v½;  v' = v½ + h/2·f₁, f₁ = F(x', t+h)
+        """
+        x1, v1 = state
+        gx1, gv1 = grad
+        with torch.enable_grad():
+            x1l = x1.detach().requires_grad_()
+            f1 = field(x1l, t + h)
+            vh = v1 - (h / 2) * f1.detach()
+            x = (x1 - h * vh).detach().requires_grad_()
+            f0 = field(x, t)
+            v = vh - (h / 2) * f0.detach()
+            jx1, jp = _vjp(f1, x1l, params, (h / 2) * gv1)
+            _add(g_params, jp)
+            gx = gx1 + jx1
+            gvh = gv1 + h * gx
+            jx0, jp = _vjp(f0, x, params, (h / 2) * gvh)
+            _add(g_params, jp)
+        return (x.detach(), v.detach()), (gx + jx0, gvh)
+
 
 @register
 class PositionVerlet(SecondOrderIntegrator):
@@ -91,6 +127,23 @@ class PositionVerlet(SecondOrderIntegrator):
         x = x - (h / 2) * v
         v = v - h * field(x, t + h / 2)
         return (x - (h / 2) * v, v)
+
+    def reverse_step(self, field, t, h, state, grad, params, g_params):
+        """Previous state and pulled-back gradient with ONE field evaluation (shared by the
+        inverse and the vector–Jacobian product).
+
+        forward: x½ = x + h/2·v;  v' = v + h·F(x½, t+h/2);  x' = x½ + h/2·v'"""
+        x1, v1 = state
+        gx1, gv1 = grad
+        with torch.enable_grad():
+            xh = (x1 - (h / 2) * v1).detach().requires_grad_()
+            f = field(xh, t + h / 2)
+            v = v1 - h * f.detach()
+            gv1t = gv1 + (h / 2) * gx1
+            jx, jp = _vjp(f, xh, params, h * gv1t)
+            _add(g_params, jp)
+        gxh = gx1 + jx
+        return ((xh.detach() - (h / 2) * v).detach(), v.detach()), (gxh, gv1t + (h / 2) * gxh)
 
 
 @register

@@ -1,0 +1,117 @@
+"""Activation memory vs depth: stored activations (lie_trotter, leapfrog) vs reversible leapfrog.
+
+For depth L in 8, 16, 32, 64 (baby width 128, 4 heads, block 64, batch 12, char vocab 65,
+h = T/L with T = 4, untied weights), each configuration runs in its own process and reports:
+- saved_bytes: bytes autograd saves for backward in one training forward, counted with
+  torch.autograd.graph.saved_tensors_hooks (weights excluded; optimizer state is never saved);
+- rss_delta: peak RSS during 5 training steps minus RSS before the first step (the model and the
+  AdamW state are allocated before the baseline, so this is mostly activations);
+- step_s: median wall time of 5 training steps (forward + backward + AdamW).
+Prints ONE JSON line with all rows and the targets: reversible saved bytes at L=64 ≤ 1.25× L=8,
+and reversible step time ≤ 2× leapfrog with stored activations.
+
+    flock /tmp/layerflow-heavy.lock python benchmarks/memory_depth.py
+"""
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from layerflow import RunConfig, build_model
+
+MODES = {"lie_trotter": ("lie_trotter", False), "leapfrog": ("leapfrog", False),
+         "leapfrog_reversible": ("leapfrog", True)}
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def child(mode: str, depth: int) -> dict:
+    torch.set_num_threads(2)
+    integrator, rev = MODES[mode]
+    cfg = RunConfig().replace(n_layer=depth, n_head=4, n_embd=128, block_size=64, vocab_size=65,
+                              integrator=integrator, reversible=rev, step_size="T/L",
+                              total_time=4.0)
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, 65, (12, 64), generator=g) for _ in range(6)]
+    for p in model.parameters():  # allocate the AdamW state before the baseline
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    params = {p.data_ptr() for p in model.parameters()}
+    saved = [0]
+
+    def pack(t):
+        if t.data_ptr() not in params:
+            saved[0] += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        _, loss = model(batches[0], batches[0])
+    loss.backward()
+    opt.zero_grad(set_to_none=True)
+    del loss
+    base = rss_bytes()
+    times = []
+    for idx in batches[1:]:
+        t0 = time.perf_counter()
+        _, loss = model(idx, idx)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"mode": mode, "depth": depth, "saved_bytes": saved[0],
+            "rss_delta": max(peak - base, 0), "peak_rss": peak,
+            "step_s": round(statistics.median(times), 3)}
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--depths", default="8,16,32,64")
+    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--child", nargs=2, metavar=("MODE", "DEPTH"))
+    a = p.parse_args()
+    if a.child:
+        print(json.dumps(child(a.child[0], int(a.child[1]))))
+        return 0
+    rows = []
+    for mode in a.modes.split(","):
+        for d in (int(x) for x in a.depths.split(",")):
+            out = subprocess.run([sys.executable, __file__, "--child", mode, str(d)],
+                                 capture_output=True, text=True, check=True).stdout
+            rows.append(json.loads(out.strip().splitlines()[-1]))
+            print(json.dumps(rows[-1]), file=sys.stderr)
+    by = {(r["mode"], r["depth"]): r for r in rows}
+    depths = sorted({r["depth"] for r in rows})
+    lo, hi = depths[0], depths[-1]
+    res = {"benchmark": "memory_depth", "width": 128, "block": 64, "batch": 12, "rows": rows}
+    if ("leapfrog_reversible", lo) in by and ("leapfrog_reversible", hi) in by:
+        rev_lo, rev_hi = by[("leapfrog_reversible", lo)], by[("leapfrog_reversible", hi)]
+        res["reversible_saved_ratio_%d_vs_%d" % (hi, lo)] = round(
+            rev_hi["saved_bytes"] / rev_lo["saved_bytes"], 3)
+        res["reversible_rss_delta_ratio"] = round(
+            rev_hi["rss_delta"] / max(rev_lo["rss_delta"], 1), 3)
+        if ("leapfrog", hi) in by:
+            res["stored_saved_ratio_%d_vs_%d" % (hi, lo)] = round(
+                by[("leapfrog", hi)]["saved_bytes"] / by[("leapfrog", lo)]["saved_bytes"], 3)
+            res["reversible_step_time_ratio"] = {
+                d: round(by[("leapfrog_reversible", d)]["step_s"] / by[("leapfrog", d)]["step_s"],
+                         3) for d in depths if ("leapfrog", d) in by}
+    print(json.dumps(res))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
