@@ -33,9 +33,10 @@ def _boundary(text: str, target: int, lo: int) -> int:
     return target
 
 
-def safe_chunks(text: str, size: int = CHUNK):
-    """Pieces of `text` (concatenating to it) of at most about `size` characters, cut at safe
-    boundaries for the byte-level pre-tokenizer where one exists."""
+def safe_chunks(text: str, size: int | None = None):
+    """Pieces of `text` (concatenating to it) of at most `size` (default `CHUNK`) characters,
+    cut at safe boundaries for the byte-level pre-tokenizer where one exists."""
+    size = size or CHUNK
     start, n = 0, len(text)
     while n - start > size:
         end = _boundary(text, start + size, start)
