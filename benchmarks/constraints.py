@@ -26,7 +26,13 @@ import torch
 
 from layerflow import RunConfig, load_run, train
 from layerflow.checkpoint import list_checkpoints
-from layerflow.steering import WordAvoidance, count_words, generate_constrained, sample_nll
+from layerflow.steering import (
+    ConceptBarrier,
+    WordAvoidance,
+    count_words,
+    generate_constrained,
+    sample_nll,
+)
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 
@@ -51,6 +57,9 @@ def main():
     p.add_argument("--strengths", default="1,4,16")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--concept-words", default="king,queen,crown,royal,majesty,throne,prince",
+                   help="concept row: lines with these words are the positive examples, other "
+                        "lines the negative ones; the rate of these words is measured")
     a = p.parse_args()
     if not DATA.exists():
         print(json.dumps({"benchmark": "constraints", "skipped": f"{DATA} not found"}))
@@ -82,6 +91,27 @@ def main():
             r["rate_reduction"] = round(1 - r["per_1000_words"] / base["per_1000_words"], 4)
             r["ppl_cost"] = round(r["ppl"] / base["ppl"] - 1, 4)
             r["meets_target"] = r["rate_reduction"] >= 0.9 and r["ppl_cost"] <= 0.10
+    concept = {}
+    if a.concept_words:
+        cw = [w for w in a.concept_words.split(",") if w]
+        lines = [ln for ln in DATA.read_text().splitlines() if ln.strip()]
+        pos = [ln for ln in lines if count_words(ln + " ", cw)][:400]
+        neg = [ln for ln in lines if not count_words(ln + " ", cw)][:400]
+        h = float(model.step_sizes()[0])
+        barrier = ConceptBarrier.from_texts(model, tok, ["\n".join(pos)], ["\n".join(neg)],
+                                            strength=1.0 / h)
+        for name, cons in (("none", []), ("barrier", [barrier])):
+            g = torch.Generator().manual_seed(a.seed)
+            out = generate_constrained(model, idx, a.tokens, 1.0, None, True, g, cons)
+            concept[name] = evaluate(model, tok, out, cw)
+        r, base = concept["barrier"], concept["none"]
+        r["rate_reduction"] = (round(1 - r["per_1000_words"] / base["per_1000_words"], 4)
+                               if base["per_1000_words"] else None)
+        r["ppl_cost"] = round(r["ppl"] / base["ppl"] - 1, 4)
+        concept.update({"words": cw, "examples": [len(pos), len(neg)],
+                        "tau": round(barrier.threshold, 4),
+                        "pos_mean": round(barrier.pos_mean, 4),
+                        "neg_mean": round(barrier.neg_mean, 4), "strength": 1.0 / h})
     evals = [r for r in (run / "metrics.jsonl").read_text().splitlines() if '"eval"' in r]
     print(json.dumps({
         "benchmark": "constraints", "words": words, "samples": a.samples, "tokens": a.tokens,
@@ -90,6 +120,7 @@ def main():
                   "integrator": cfg.flow.integrator, "layers": cfg.model.n_layer,
                   "width": cfg.model.n_embd},
         "sampling": "temperature 1, no top-k, KV cache", "results": results,
+        "concept_barrier": concept,
     }))
     return 0
 

@@ -43,6 +43,8 @@ def main():
     p.add_argument("--iters", type=int, default=2000)
     p.add_argument("--steps", type=int, default=4, help="descent steps of the energy model")
     p.add_argument("--alpha", type=float, default=1.0, help="descent step size α")
+    p.add_argument("--width", type=int, default=128, help="n_embd of both models")
+    p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="/tmp/layerflow-bench/energy_lm")
     p.add_argument("--figure", default="", help="also copy the energy curve PNG here")
@@ -53,6 +55,7 @@ def main():
     torch.set_num_threads(a.threads)
     out = Path(a.out)
     base = RunConfig().replace(data=str(DATA), max_iters=a.iters, eval_interval=a.iters,
+                               n_embd=a.width, warmup_iters=a.warmup,
                                eval_iters=50, sample_tokens=200, progress=False,
                                log_interval=max(a.iters // 20, 1))
     vocab = 65  # tinyshakespeare characters
@@ -105,8 +108,8 @@ def main():
         return round(float((t < 0).float().mean()), 4)
 
     print(json.dumps({
-        "benchmark": "energy_lm", "iters": a.iters, "recipe": "baby (width 128, 4 heads, block 64,"
-        " batch 12, lr 1e-3, warmup 100, cosine to 1e-4, wd .1, clip 1)",
+        "benchmark": "energy_lm", "iters": a.iters, "recipe": f"baby but width {a.width}, "
+        f"warmup {a.warmup} (4 heads, block 64, batch 12, lr 1e-3, cosine to 1e-4, wd .1, clip 1)",
         "baseline": {"integrator": "lie_trotter", "layers": 4, "params": p_base, **res_base},
         "energy": {"descent_steps": a.steps, "alpha": a.alpha, "memories": n_mem,
                    "params": p_energy, **res_energy,
