@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import torch.distributed as dist
 from conftest import tiny_config
 
@@ -98,3 +99,25 @@ def test_stop_at_val_ends_the_run_early(tmp_path, tiny_corpus):
     evals = [r for r in read_metrics(tmp_path / "early") if r["kind"] == "eval"]
     assert s["status"] == "done" and s["reached_val_at"] == s["iter"] < 200
     assert evals[-1]["val_loss"] <= 3.0 < evals[-2]["val_loss"]
+
+
+def test_prompts_batched_by_length_equal_one_at_a_time():
+    from layerflow import RunConfig
+    from layerflow.model import build_model
+    from layerflow.sampling import generate_prompts
+
+    torch.manual_seed(0)
+    model = build_model(RunConfig().replace(vocab_size=20, n_layer=2, n_head=2, n_embd=16,
+                                            block_size=32)).eval()
+    prompts = [[1, 2, 3], [4], [5, 6, 7], [8, 9]]
+    calls = []
+
+    def greedy(idx):
+        calls.append(tuple(idx.shape))
+        return model.generate(idx, 6, temperature=0)
+
+    out = generate_prompts(greedy, prompts, num_samples=2)
+    assert sorted(calls) == [(2, 1), (2, 2), (4, 3)]  # one batch per distinct length
+    for p, rows in zip(prompts, out):
+        alone = model.generate(torch.tensor([p]), 6, temperature=0)[0].tolist()
+        assert rows == [alone, alone]

@@ -71,7 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sample", help="generate text from a trained run")
     s.add_argument("run_dir")
-    s.add_argument("--prompt", default="\n")
+    s.add_argument("--prompt", action="append", default=None,
+                   help="prompt text; repeat for several prompts, generated in batches "
+                        "(default: a newline)")
     s.add_argument("--tokens", type=_number(int), default=200)
     s.add_argument("--temperature", type=_number(float), default=0.8)
     s.add_argument("--top-k", type=_number(int), default=200)
@@ -134,24 +136,28 @@ def cmd_sample(args) -> int:
     from .evaluate import apply_steps
 
     apply_steps(model, args.steps)  # issue 3: re-discretise tied/smooth models in depth-time
-    ids = tok.encode(args.prompt)
-    if not ids:
+    prompts = [tok.encode(p) for p in (args.prompt or ["\n"])]
+    if not all(prompts):
         raise ConfigError("--prompt encodes to no tokens")
     g = torch.Generator().manual_seed(args.seed)
-    idx = torch.tensor([ids] * args.num_samples, dtype=torch.long)
+    from .sampling import generate_prompts  # issue 7: several prompts, batched by length
     from .steering import generate_constrained, steering_from_args
 
     constraints, masks = steering_from_args(args, model, tok)
-    if constraints or masks:
-        out = generate_constrained(model, idx, args.tokens, args.temperature, args.top_k or None,
-                                   not args.no_cache, g, constraints, masks)
-    else:
-        out = model.generate(idx, args.tokens, args.temperature, args.top_k or None,
-                             use_cache=not args.no_cache, generator=g)
-    for row in out:
-        print(tok.decode(row.tolist()))
-        if args.num_samples > 1:
-            print("-" * 40)
+
+    def generate(idx):
+        if constraints or masks:
+            return generate_constrained(model, idx, args.tokens, args.temperature,
+                                        args.top_k or None, not args.no_cache, g, constraints,
+                                        masks)
+        return model.generate(idx, args.tokens, args.temperature, args.top_k or None,
+                              use_cache=not args.no_cache, generator=g)
+
+    for rows in generate_prompts(generate, prompts, args.num_samples):
+        for row in rows:
+            print(tok.decode(row))
+            if args.num_samples > 1 or len(prompts) > 1:
+                print("-" * 40)
     return 0
 
 

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 PRECISIONS = ("auto", "fp32", "bf16")
+ATTN_FP32_ON_CPU = True  # the measured policy; benchmarks/throughput.py --attn-bf16 flips it
 
 
 def resolve_precision(precision: str, device: str) -> str:
@@ -45,7 +46,7 @@ def autocast_for(device: str, precision: str):
 def sdpa(q, k, v, attn_mask=None, dropout_p: float = 0.0, is_causal: bool = False):
     """`scaled_dot_product_attention` with the per-op precision policy above: under CPU bf16
     autocast the kernel runs in float32 (output cast back to the input dtype)."""
-    if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+    if ATTN_FP32_ON_CPU and q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
         dtype = q.dtype
         with torch.autocast("cpu", enabled=False):
             y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(),

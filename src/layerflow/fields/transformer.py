@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..speed import sdpa  # SDPA with the per-op precision policy (fp32 kernel under CPU bf16)
+
 
 def make_norm(kind: str, dim: int, bias: bool = True) -> nn.Module:
     if kind == "rmsnorm":
@@ -89,12 +91,12 @@ class CausalSelfAttention(nn.Module):
             k, v = ctx.cache.extend(k, v)
         drop = self.dropout if self.training else 0.0
         if past == 0:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=True)
+            y = sdpa(q, k, v, dropout_p=drop, is_causal=True)
         elif T == 1:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)
+            y = sdpa(q, k, v, dropout_p=drop)
         else:  # a chunk of queries after a cached prefix: query i sees keys 0..past+i
             mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
+            y = sdpa(q, k, v, attn_mask=mask, dropout_p=drop)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
