@@ -238,6 +238,22 @@ def test_leapfrog_on_quadratic_hamiltonian_has_bounded_energy_drift():
     assert drifts["euler"]["max_rel"] > 10.0  # the same metric sees Euler's secular growth
 
 
+def test_lyapunov_spectrum_of_a_symplectic_flow_comes_in_plus_minus_pairs():
+    """Leapfrog maps are symplectic on (X, V): the exponents pair up as ±λ and sum to zero."""
+    K = torch.tensor([[1.0, 0.9], [0.9, 1.0]], dtype=D64)  # eigenvalues 1.9 and 0.1
+    lf = INTEGRATORS["leapfrog"]() if "leapfrog" in INTEGRATORS else Leapfrog()
+    sym = particle_flow(30, 0.1, 2, Quadratic(K), lf).double()
+    lam = lyapunov_spectrum(sym, _rand(1, 1, 2, seed=10), n_exp=4, sweeps=4)["exponents"]
+    assert abs(lam.sum()) < 1e-8
+    np.testing.assert_allclose(lam[:2], -lam[::-1][:2], atol=1e-5)
+    assert lam[0] > 0.1
+    # explicit Euler on (X, V) expands volume: det(I + h²K) > 1 per step, so Σλ > 0
+    lam2 = lyapunov_spectrum(particle_flow(30, 0.1, 2, Quadratic(K), EulerXV()).double(),
+                             _rand(1, 1, 2, seed=10), n_exp=4, sweeps=4)["exponents"]
+    h2K = np.linalg.det(np.eye(2) + 0.01 * K.numpy())
+    assert lam2.sum() == pytest.approx(30 * np.log(h2K) / 3.0, rel=1e-6)
+
+
 # ------------------------------------------------------------------------------- lens
 def test_logit_lens_at_the_last_step_equals_the_model_logits_exactly():
     model = build_model(tiny_config(n_layer=3), 100).eval()

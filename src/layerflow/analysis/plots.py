@@ -134,7 +134,8 @@ def pca_paths(runs: list[tuple[str, dict, list[str]]]):
         ax.set_title(f"token paths through layer-time{' — ' + label if label else ''}",
                      fontsize=10)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if names:
+            ax.legend(fontsize=7)
     return _finish(fig)
 
 
