@@ -238,3 +238,19 @@ def test_attention_probs_reproduce_the_attention_output():
     y = attn.o_proj((P @ v).transpose(1, 2).reshape(2, 10, 48))
     with torch.no_grad():
         torch.testing.assert_close(y, attn(x), atol=1e-5, rtol=1e-5)
+
+
+def test_cli_rediscretise(tmp_path, capsys):
+    import_hf(gpt2(), tmp_path / "run")  # no tokenizer in memory: prompts are token ids
+    run = str(tmp_path / "run")
+    args = ["rediscretise", run, "--prompt", "1 5 9 2 7 3 8", "--integrators", "lie_trotter,euler",
+            "--scales", "1,0.5", "--json"]
+    assert main(args) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["integrator"], r["scale"], r["steps"]) for r in rows] == [
+        ("lie_trotter", 1.0, 2), ("lie_trotter", 0.5, 4), ("euler", 1.0, 2), ("euler", 0.5, 4)]
+    assert rows[0]["kl_mean"] == 0.0 and rows[0]["loss"] == rows[0]["loss_ref"]
+    assert all(r["kl_mean"] > 0 for r in rows[1:])
+    for bad in (["--scales", "2"], ["--scales", "x"], ["--integrators", "nope"]):
+        assert main(["rediscretise", run, "--prompt", "1 2 3"] + bad) == 2
+        assert len(capsys.readouterr().err.strip().splitlines()) == 1

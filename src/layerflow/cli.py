@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     h = sub.add_parser("import-hf", help="import a local Hugging Face GPT-2/Llama model as a run")
     h.add_argument("path", help="local model directory (config.json + weights; no download)")
     h.add_argument("out_run_dir", help="new run directory to write")
+    from .rediscretise import add_rediscretise_parser  # issue 9
+
+    add_rediscretise_parser(sub)
 
     from .analysis.command import add_analyze_parser  # issue 6
 
@@ -203,6 +206,15 @@ def cmd_sweep(args) -> int:
 
 COMMANDS = {"train": cmd_train, "sample": cmd_sample, "info": cmd_info, "sweep": cmd_sweep}
 COMMANDS["import-hf"] = cmd_import_hf  # issue 9
+
+
+def cmd_rediscretise(args) -> int:
+    from .rediscretise import cmd_rediscretise as run
+
+    return run(args)
+
+
+COMMANDS["rediscretise"] = cmd_rediscretise  # issue 9
 
 
 def cmd_analyze(args) -> int:

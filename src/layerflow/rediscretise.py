@@ -118,3 +118,83 @@ def rediscretisation_table(model, idx: torch.Tensor, schemes=None,
     finally:
         model.train(was)
     return rows
+
+
+# ----------------------------------------------------------------------------- CLI
+def add_rediscretise_parser(sub) -> None:
+    """`layerflow rediscretise RUN_DIR (--text FILE | --prompt TEXT)`: the KL table."""
+    r = sub.add_parser("rediscretise", help="KL of next-token distributions when a run is "
+                       "integrated with other integrators / step sizes (same weights)")
+    r.add_argument("run_dir")
+    src = r.add_mutually_exclusive_group(required=True)
+    src.add_argument("--text", metavar="FILE", help="text file: windows of block_size tokens")
+    src.add_argument("--prompt", help="text to run the model on")
+    r.add_argument("--sequences", type=int, default=8, help="windows taken from --text")
+    r.add_argument("--integrators", default="", help="comma-separated names (default: all)")
+    r.add_argument("--scales", default="1,0.5,0.25", help="comma-separated step scales s")
+    r.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
+
+
+def _windows(ids: list[int], block: int, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if len(ids) < 2:
+        return torch.tensor([ids]), None
+    if len(ids) <= block + 1:
+        return torch.tensor([ids[:-1]]), torch.tensor([ids[1:]])
+    starts = torch.linspace(0, len(ids) - block - 1, n).long().unique().tolist()
+    x = torch.tensor([ids[s:s + block] for s in starts])
+    y = torch.tensor([ids[s + 1:s + 1 + block] for s in starts])
+    return x, y
+
+
+def cmd_rediscretise(args) -> int:
+    import json
+
+    from .config import ConfigError
+    from .train import load_run
+
+    try:
+        scales = [float(s) for s in args.scales.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"--scales must be comma-separated numbers, got {args.scales!r}"
+                          ) from None
+    if not scales or any(not (math.isfinite(s) and s > 0) for s in scales):
+        raise ConfigError(f"--scales must be positive numbers, got {args.scales!r}")
+    names = [n.strip() for n in args.integrators.split(",") if n.strip()] or sorted(INTEGRATORS)
+    unknown = [n for n in names if n not in INTEGRATORS]
+    if unknown:
+        raise ConfigError(f"unknown integrator {unknown[0]!r}; choose from: "
+                          f"{', '.join(sorted(INTEGRATORS))}")
+    if args.sequences <= 0:
+        raise ConfigError("--sequences must be positive")
+    model, tok, cfg, _ = load_run(args.run_dir)
+    for s in scales:
+        try:
+            rediscretise(model, None, s)
+        except ValueError as e:
+            raise ConfigError(f"--scales: {e}") from None
+    if args.text:
+        try:
+            text = open(args.text, encoding="utf-8", errors="replace").read()
+        except OSError as e:
+            raise ConfigError(f"cannot read --text {args.text}: {e.strerror or e}") from None
+    else:
+        text = args.prompt
+    ids = tok.encode(text)
+    if not ids:
+        raise ConfigError("the text encodes to no tokens")
+    x, y = _windows(ids, model.block_size, args.sequences)
+    rows = rediscretisation_table(model, x, [(n, s) for n in names for s in scales], y)
+    if args.json:
+        for row in rows:
+            print(json.dumps(row))
+        return 0
+    print(f"{'integrator':<18}{'s':>6}{'steps':>7}{'KL mean':>11}{'KL max':>11}{'top-1':>7}"
+          f"{'loss':>8}   ({x.numel()} tokens; original loss "
+          f"{rows[0].get('loss_ref', float('nan')):.4f})")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['integrator']:<18}{r['scale']:>6g}  {r['error']}")
+            continue
+        print(f"{r['integrator']:<18}{r['scale']:>6g}{r['steps']:>7}{r['kl_mean']:>11.3g}"
+              f"{r['kl_max']:>11.3g}{r['top1_agree']:>7.3f}{r.get('loss', float('nan')):>8.4f}")
+    return 0
