@@ -138,7 +138,7 @@ def test_rank_collapse_without_skips_is_doubly_exponential_and_skips_prevent_it(
     logs = np.log(r_pure[1:4])
     assert logs[2] / logs[1] > 2.0 and logs[1] / logs[0] > 2.0
     assert np.all(np.diff(np.log(r_pure[:5]), 2) < 0)
-    assert r_skip.min() > 0.5  # O(1) with skip connections
+    assert r_skip.min() > 0.5  # O(1) with skip connections (0.69 after six layers)
 
 
 def test_attention_probabilities_reproduce_the_module_output():
