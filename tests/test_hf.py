@@ -38,7 +38,8 @@ def llama(cls="Llama", **kw):
 
 MODELS = {
     "gpt2": lambda: gpt2(),
-    "gpt2-relu-inner": lambda: gpt2(activation_function="relu", n_inner=40),
+    "gpt2-relu-inner-untied": lambda: gpt2(activation_function="relu", n_inner=40,
+                                           tie_word_embeddings=False),
     "llama-gqa-untied": lambda: llama(rope_theta=500000.0),
     "llama-mqa-tied-bias": lambda: llama(num_key_value_heads=1, tie_word_embeddings=True,
                                          attention_bias=True, mlp_bias=True),
@@ -96,6 +97,13 @@ def test_config_and_head_tying():
     g, _ = from_pretrained(gpt2())
     assert g.lm_head is None and g.run_config.model.activation == "gelu_tanh"
     assert from_pretrained(MODELS["mistral-window"]())[0].block_size == 24
+    hf = MODELS["gpt2-relu-inner-untied"]()
+    untied = from_pretrained(hf)[0]
+    assert untied.lm_head is not None and untied.run_config.model.tie_head is False
+    with torch.no_grad():  # copies, not views: editing the source leaves the import unchanged
+        before = untied.fields[0].attn.q_proj.weight.clone()
+        hf.transformer.h[0].attn.c_attn.weight.add_(1.0)
+    assert torch.equal(untied.fields[0].attn.q_proj.weight, before)
     scaled = from_pretrained(MODELS["llama3-rope"]())[0].fields[1].attn.inv_freq
     plain = 1.0 / 50000.0 ** (torch.arange(0, 8, 2) / 8)
     assert (scaled < plain).all()  # llama3 rescaling: the lowest frequencies divided by 8

@@ -166,7 +166,8 @@ def state_dict_from_hf(hf_model, family: str, tie_head: bool) -> dict[str, torch
             out[f"fields.{i}.attn.inv_freq"] = _t(rot.inv_freq)
     if not tie_head:
         out["lm_head.weight"] = sd["lm_head.weight"]
-    return out
+    # own contiguous copies: the FlowLM must never alias (or train) the source's storage
+    return {k: v.clone(memory_format=torch.contiguous_format) for k, v in out.items()}
 
 
 def _head_is_tied(hf_model) -> bool:
@@ -186,12 +187,16 @@ def convert(hf_model):
     tied = _head_is_tied(hf_model)
     if tied != cfg.model.tie_head:
         cfg = cfg.replace(tie_head=tied)
-    model = build_model(cfg)
     sd = state_dict_from_hf(hf_model, cfg.model.model, cfg.model.tie_head)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
+    with torch.device("meta"):  # no random init of weights that are about to be replaced
+        model = build_model(cfg)
+    missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
     if missing or unexpected:
         what = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
         raise HFImportError(f"cannot import {cls}: its weights do not match ({what})")
+    if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):  # e.g. a non-persistent
+        model = build_model(cfg)                                         # buffer: build for real
+        model.load_state_dict(sd)
     return model.eval(), cfg
 
 
