@@ -254,6 +254,17 @@ def test_lyapunov_spectrum_of_a_symplectic_flow_comes_in_plus_minus_pairs():
     assert lam2.sum() == pytest.approx(30 * np.log(h2K) / 3.0, rel=1e-6)
 
 
+def test_energy_hook_points_are_read_when_the_field_emits_them():
+    from layerflow.analysis import energy_from_trajectory
+    from layerflow.hooks import Trajectory
+
+    traj = Trajectory({f"flow.step.{k}.energy": torch.tensor([3.0 - k, 1.0]) for k in range(3)})
+    E = energy_from_trajectory(traj)
+    np.testing.assert_allclose(E, [4.0, 3.0, 2.0])
+    assert energy_drift(E)["monotone"] == "nonincreasing"
+    assert energy_from_trajectory(Trajectory({"flow.step.0.state": torch.zeros(1)})) is None
+
+
 # ------------------------------------------------------------------------------- lens
 def test_logit_lens_at_the_last_step_equals_the_model_logits_exactly():
     model = build_model(tiny_config(n_layer=3), 100).eval()

@@ -12,7 +12,7 @@ from .geometry import (
     n_clusters,
     rank_one_residual,
 )
-from .invariants import energy_along, energy_drift, linear_invariants
+from .invariants import energy_along, energy_drift, energy_from_trajectory, linear_invariants
 from .jacobian import full_states, lyapunov_spectrum, step_singular_values
 from .lens import decode, logit_lens
 from .trajectory import (
@@ -29,7 +29,8 @@ from .trajectory import (
 __all__ = [
     "attention_entropy", "attention_probs", "capture_attention", "effective_rank",
     "entropy_per_head", "geometry_curves", "interaction_energy", "mean_pairwise_cosine",
-    "n_clusters", "rank_one_residual", "energy_along", "energy_drift", "linear_invariants",
+    "n_clusters", "rank_one_residual", "energy_along", "energy_drift", "energy_from_trajectory",
+    "linear_invariants",
     "full_states", "lyapunov_spectrum", "step_singular_values", "decode", "logit_lens",
     "collect", "flow_from", "increment_norms", "layer_times", "pca_paths", "state_norms",
     "states", "velocities",

@@ -74,6 +74,19 @@ def energy_along(model, X: torch.Tensor, V: torch.Tensor | None = None) -> np.nd
     return np.array(out)
 
 
+def energy_from_trajectory(traj) -> np.ndarray | None:
+    """Energies emitted at hook points `flow.step.{k}.energy` (first value per step), if any."""
+    names = [n for n in traj if n.endswith(".energy") and n.startswith("flow.step.")]
+    if not names:
+        return None
+    out = []
+    for k in sorted(int(n.split(".")[2]) for n in names):
+        v = traj[f"flow.step.{k}.energy"]
+        v = v[0] if isinstance(v, list) else v
+        out.append(float(torch.as_tensor(v).detach().double().sum()))
+    return np.array(out)
+
+
 def energy_drift(E) -> dict:
     """Relative drift of an energy sequence: max_k |E_k − E_0| / |E_0|, the same over the second
     half only (bounded oscillation vs secular growth), and whether E is monotone."""

@@ -20,7 +20,7 @@ import torch
 from ..config import ConfigError
 from . import plots
 from .geometry import entropy_per_head, geometry_curves
-from .invariants import energy_along, energy_drift, linear_invariants
+from .invariants import energy_along, energy_drift, energy_from_trajectory, linear_invariants
 from .jacobian import lyapunov_spectrum, step_singular_values
 from .lens import logit_lens
 from .trajectory import (
@@ -39,11 +39,14 @@ def measure(model, idx: torch.Tensor, targets: torch.Tensor | None = None, *, ja
             jac_iters: int = 20, n_exp: int = 16, sweeps: int = 2, n_inv: int = 4,
             seed: int = 0) -> dict:
     """All metrics over layer-time for token ids idx (B, T); Jacobians use the first sequence."""
+    was = model.training
     model.eval()
     logits, traj = collect(model, idx)
     X, V = states(traj), velocities(traj)
     lens = logit_lens(model, X, targets)
     E = energy_along(model, X, V)
+    if E is None:
+        E = energy_from_trajectory(traj)
     m = {
         "n_steps": int(model.n_steps), "layer_times": layer_times(model),
         "integrator": getattr(model.integrator, "name", type(model.integrator).__name__),
@@ -62,6 +65,7 @@ def measure(model, idx: torch.Tensor, targets: torch.Tensor | None = None, *, ja
     }
     if V is not None:
         m["velocity_norm"] = state_norms(V)
+    model.train(was)
     return m
 
 
