@@ -9,6 +9,7 @@ scheme on 16 held-out windows: mean/max KL(original ‖ re-discretised) of the n
 distribution (nats), top-1 agreement and the cross-entropy loss.
 
     flock /tmp/layerflow-heavy.lock python benchmarks/rediscretise.py [--steps 400] [--markdown]
+        [--save DIR]    # DIR: the trained GPT-2 as a local HF model directory
 
 Prints one JSON line (and, with --markdown, the README table on stderr).
 """
@@ -73,6 +74,20 @@ def train_gpt2(model, train_ids, block, steps, batch=32, lr=1e-3, warmup=30, see
     return model
 
 
+def save_hf(model, chars, out: str) -> None:
+    """The model (safetensors + config.json) and a character-level `tokenizer.json`."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    model.save_pretrained(out)
+    tok = Tokenizer(models.WordLevel({c: i for i, c in enumerate(chars)}, unk_token=chars[0]))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.save(str(Path(out) / "tokenizer.json"))
+
+
 def table(results: dict) -> str:
     names = sorted({r["integrator"] for rows in results.values() for r in rows})
     head = "| integrator | " + " | ".join(
@@ -92,6 +107,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--markdown", action="store_true")
+    ap.add_argument("--save", metavar="DIR", help="also save the trained GPT-2 and a character "
+                    "tokenizer.json there (a local HF model directory for `layerflow import-hf`)")
     args = ap.parse_args(argv)
     if not DATA.exists():
         print(json.dumps({"benchmark": "rediscretise", "skipped": f"{DATA} not found"}))
@@ -128,6 +145,8 @@ def main(argv=None) -> int:
     info = {"steps": args.steps, "batch": 32, "seconds": round(seconds, 1),
             "val_loss_before": round(val_before, 4), "val_loss_after":
             round(hf_loss(hf, val_ids, block), 4)}
+    if args.save:
+        save_hf(hf, chars, args.save)
     model, _ = from_pretrained(hf)
     results["trained"] = rediscretisation_table(model, x_eval, schemes, y_eval)
     for rows in results.values():
