@@ -77,7 +77,6 @@ def train_gpt2(model, train_ids, block, steps, batch=32, lr=1e-3, warmup=30, see
 def save_hf(model, chars, out: str) -> None:
     """The model (safetensors + config.json) and a character-level `tokenizer.json`."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-
     from transformers.utils import logging
 
     logging.disable_progress_bar()
