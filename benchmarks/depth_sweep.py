@@ -31,7 +31,7 @@ def main():
     p.add_argument("--lrs", default="3e-4,1e-3,3e-3,1e-2,3e-2")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--iters", type=int, default=300)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="/tmp/layerflow-depth-sweep")
     p.add_argument("--figures", default="", help="copy the figures into this folder")
     a = p.parse_args()
