@@ -9,6 +9,7 @@ ODE discretised by each integrator (its `dynamics` attribute):
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import scipy.linalg
 import torch
 
@@ -96,7 +97,7 @@ def reference_solution(integrator, field, x0, T: float, n: int = 1024) -> torch.
 
 
 def frozen_transformer_field(n_embd: int = 16, n_head: int = 2, seed: int = 0, std: float = 0.2):
-    """A random attention+MLP field (float64, eval mode) and a token state x₀ (2, 8, n_embd)."""
+    """A random attention+MLP field (float64, eval mode) and a token state x₀ (1, 6, n_embd)."""
     from layerflow import TransformerField
 
     torch.manual_seed(seed)
@@ -106,7 +107,7 @@ def frozen_transformer_field(n_embd: int = 16, n_head: int = 2, seed: int = 0, s
             torch.nn.init.normal_(p, 0.0, std)
     for p in f.parameters():
         p.requires_grad_(False)
-    x0 = torch.randn(2, 8, n_embd, dtype=torch.float64)
+    x0 = torch.randn(1, 6, n_embd, dtype=torch.float64)
     return f, x0
 
 
@@ -114,3 +115,10 @@ def harmonic_energy(x, v):
     return 0.5 * (x ** 2 + v ** 2)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: intra-op threads only add overhead (and a lot of it on a busy machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -12,6 +12,7 @@ from problems import (
     frozen_transformer_field,
     linear_field,
     linear_problem,
+    one_thread,  # noqa: F401  (autouse fixture)
     reference_solution,
     run,
     slope,
@@ -73,7 +74,7 @@ def test_order_on_frozen_attention_mlp_field(name):
     T = 1.0
     key = (getattr(integ, "dynamics", "first_order"), getattr(integ, "epsilon", 1.0))
     if key not in _REFS:  # one fine RK4 reference per ODE
-        _REFS[key] = reference_solution(integ, field, x0, T, n=512)
+        _REFS[key] = reference_solution(integ, field, x0, T, n=256)
     ref = _REFS[key]
     ns = _ns(integ.order)
     errs = [(run(integ, field, x0, T, n) - ref).norm().item() for n in ns]
