@@ -44,10 +44,14 @@ class KVCache:
 
     Each attention call during a forward pass takes the next slot, so any integrator (several
     field evaluations per step, substeps, stages) is cached without the model knowing its shape.
+    Without autograd, a slot is a preallocated buffer whose capacity doubles when full, so adding
+    a token writes O(1) new rows (amortised) instead of copying the whole prefix (`torch.cat`);
+    `slots[i]` is always the (k, v) view of the filled part.
     """
 
     def __init__(self):
         self.slots: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._buffers: list[tuple[torch.Tensor, torch.Tensor] | None] = []
         self.cursor = 0
         self.length = 0  # tokens already cached
 
@@ -58,14 +62,39 @@ class KVCache:
         self.length += n_new
 
     def extend(self, k: torch.Tensor, v: torch.Tensor):
-        if self.cursor == len(self.slots):
-            self.slots.append((k, v))
-        else:
-            pk, pv = self.slots[self.cursor]
-            k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
-            self.slots[self.cursor] = (k, v)
+        i = self.cursor
         self.cursor += 1
-        return k, v
+        if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
+            if i < len(self.slots):  # autograd through the cache: plain concatenation
+                pk, pv = self.slots[i]
+                k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
+                self.slots[i] = (k, v)
+                self._buffers[i] = None
+            else:
+                self.slots.append((k, v))
+                self._buffers.append(None)
+            return k, v
+        n_old = self.slots[i][0].shape[2] if i < len(self.slots) else 0
+        n = n_old + k.shape[2]
+        buf = self._buffers[i] if i < len(self._buffers) else None
+        if buf is None or buf[0].shape[2] < n or buf[0].shape[:2] != k.shape[:2] \
+                or buf[0].shape[3] != k.shape[3] or buf[1].shape[3] != v.shape[3]:
+            cap = max(2 * n, 16)
+            bk = k.new_empty(*k.shape[:2], cap, k.shape[3])
+            bv = v.new_empty(*v.shape[:2], cap, v.shape[3])
+            if n_old:
+                bk[:, :, :n_old] = self.slots[i][0]
+                bv[:, :, :n_old] = self.slots[i][1]
+            buf = (bk, bv)
+        buf[0][:, :, n_old:n] = k
+        buf[1][:, :, n_old:n] = v
+        kv = (buf[0][:, :, :n], buf[1][:, :, :n])
+        if i < len(self.slots):
+            self.slots[i], self._buffers[i] = kv, buf
+        else:
+            self.slots.append(kv)
+            self._buffers.append(buf)
+        return kv
 
 
 class CausalSelfAttention(nn.Module):
