@@ -60,7 +60,8 @@ class PostNormField(TransformerField):
         return self.drop(self.mlp(x))
 
     def post_norm(self, i: int, x):
-        return (self.ln_1, self.ln_2)[i](x)
+        """LN after term i (attn, mlp); extra terms (e.g. steering forces) get no norm."""
+        return (self.ln_1, self.ln_2)[i](x) if i < 2 else x
 
     def deepnorm_init(self, beta: float) -> None:
         """DeepNet init: Xavier-normal, gain β on value, output projection and MLP, 1 on Q, K."""
@@ -81,7 +82,8 @@ class PostNormSteps(Integrator):
     def step(self, field, t, h, x):
         module = field.module
         for i, term in enumerate(field.terms):
-            x = module.post_norm(i, module.residual_scale * x + h * term(x, t))
+            a = module.residual_scale if i < 2 else 1.0
+            x = module.post_norm(i, a * x + h * term(x, t))
         return x
 
 
