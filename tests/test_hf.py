@@ -262,3 +262,16 @@ def test_cli_rediscretise(tmp_path, capsys):
     for bad in (["--scales", "2"], ["--scales", "x"], ["--integrators", "nope"]):
         assert main(["rediscretise", run, "--prompt", "1 2 3"] + bad) == 2
         assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_rediscretise_refuses_learned_step_sizes_and_imported_tied_weights():
+    from conftest import tiny_config
+
+    from layerflow import build_model
+
+    flow = build_model(tiny_config(vocab_size=V, learn_step_size=True))
+    with pytest.raises(ValueError, match="learned one step size per step"):
+        rediscretise(flow, "euler")
+    cfg = from_pretrained(llama())[0].run_config
+    with pytest.raises(ConfigError, match="weights must be untied"):
+        build_model(cfg.replace(weights="tied"))

@@ -45,6 +45,9 @@ def rediscretise(model, integrator: str | Integrator | None = None, scale: float
     Raises ValueError when steps/scale is not a positive integer."""
     if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be a positive number, got {scale!r}")
+    if getattr(model, "raw_step_size", None) is not None:
+        raise ValueError("this model learned one step size per step; re-discretising it is not "
+                         "supported")
     fields, per_seg = _steps_per_segment(model)
     new_per_seg = per_seg / scale
     if abs(new_per_seg - round(new_per_seg)) > 1e-9 or round(new_per_seg) < 1:
@@ -57,6 +60,8 @@ def rediscretise(model, integrator: str | Integrator | None = None, scale: float
     for name in ("_modules", "_parameters", "_buffers"):
         setattr(new, name, dict(getattr(model, name)))
     new._hooks = []
+    if getattr(model, "solver", None) is not None:  # adaptive/reversible: run the steps instead
+        new.solver = None
     if len(fields) == 1:
         new.fields = nn.ModuleList(fields)
         new.n_steps = model.n_steps * new_per_seg // per_seg

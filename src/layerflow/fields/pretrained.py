@@ -178,15 +178,21 @@ class PretrainedField(TransformerField):
 def build_pretrained(cfg, vocab_size: int | None = None):
     """A FlowLM of family gpt2 or llama from a RunConfig (weights initialised GPT-2 style; an
     import or a checkpoint then overwrites them)."""
-    from ..integrators import get_integrator
+    from ..config import ConfigError
+    from ..integrators import INTEGRATORS
+    from ..integrators.continuous import configure_flow
     from ..model import FlowLM
 
     m, fl = cfg.model, cfg.flow
     vocab_size = vocab_size or m.vocab_size
+    if getattr(fl, "weights", "untied") != "untied" or getattr(fl, "macaron_weights", False):
+        raise ConfigError(f"model {m.model} has one set of weights per layer: weights must be "
+                          "untied (and macaron_weights off)")
     fields = [PretrainedField.from_config(m) for _ in range(m.n_layer)]
     for f in fields:
         f.init_weights(m.n_layer)
-    model = FlowLM(vocab_size, m.n_embd, m.block_size, fields, get_integrator(fl.integrator),
+    model = FlowLM(vocab_size, m.n_embd, m.block_size, fields,
+                   INTEGRATORS[fl.integrator].from_config(fl),
                    step_size=fl.resolve_step_size(m.n_layer), pos_emb=m.pos_emb, norm=m.norm,
                    bias=m.bias, dropout=m.dropout, tie_head=m.tie_head)
     model.ln_f = make_norm_eps(m.norm, m.n_embd, m.bias, m.norm_eps)
@@ -195,4 +201,4 @@ def build_pretrained(cfg, vocab_size: int | None = None):
         nn.init.normal_(model.wpe.weight, 0.0, 0.02)
     if model.lm_head is not None:
         nn.init.normal_(model.lm_head.weight, 0.0, 0.02)
-    return model
+    return configure_flow(model, cfg)  # learned step sizes, reversible/adaptive solvers
