@@ -129,12 +129,14 @@ def cmd_sample(args) -> int:
 
     from .train import load_run
 
-    if args.tokens <= 0:
-        raise ConfigError("--tokens must be positive")
-    if args.temperature < 0:
-        raise ConfigError("--temperature must be non-negative")
-    if args.top_k < 0 or args.num_samples <= 0:
-        raise ConfigError("--top-k must be >= 0 and --num-samples positive")
+    if not 0 < args.tokens <= 1_000_000:
+        raise ConfigError("--tokens must be in 1..1000000")
+    if not 0 <= args.temperature < float("inf"):  # also refuses nan
+        raise ConfigError("--temperature must be a non-negative number")
+    if args.top_k < 0 or not 0 < args.num_samples <= 4096:
+        raise ConfigError("--top-k must be >= 0 and --num-samples in 1..4096")
+    if not 0 <= args.seed < 2**63:
+        raise ConfigError("--seed must be in 0..2**63-1")
     model, tok, cfg, _ = load_run(args.run_dir)
     from .evaluate import apply_steps
 
@@ -235,6 +237,12 @@ def cmd_eval(args) -> int:
 COMMANDS["eval"] = cmd_eval  # issue 3
 
 
+def one_line(text: str) -> str:
+    """The message on one printable line: user input echoed in it (a newline, U+2028, an
+    undecodable byte as a surrogate) is shown escaped (issue 8)."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def main(argv=None) -> int:
     from .checkpoint import CheckpointError
     from .data import DataError
@@ -244,10 +252,10 @@ def main(argv=None) -> int:
         args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args)
     except UsageError as e:
-        print(str(e), file=sys.stderr)
+        print(one_line(str(e)), file=sys.stderr)
         return 2
     except (ConfigError, DataError, CheckpointError, TrainError) as e:
-        print(f"layerflow: error: {e}", file=sys.stderr)
+        print(one_line(f"layerflow: error: {e}"), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("layerflow: interrupted", file=sys.stderr)

@@ -461,6 +461,8 @@ def load_toml(path: str) -> RunConfig:
             d = tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
+    except OSError as e:  # a directory, no permission, ...
+        raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError, ValueError) as e:
         raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
     return RunConfig.from_dict(d)

@@ -24,8 +24,8 @@ def apply_steps(model, steps: int) -> None:
     """Re-discretise `model` with `steps` steps (0 = unchanged); bad requests -> ConfigError."""
     from .integrators.continuous import set_steps
 
-    if steps < 0:
-        raise ConfigError(f"--steps must be positive, got {steps}")
+    if not 0 <= steps <= 10_000:  # an absurd count would hang (issue 8)
+        raise ConfigError(f"--steps must be in 0..10000, got {steps}")
     if steps:
         try:
             set_steps(model, steps)

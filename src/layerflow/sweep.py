@@ -289,6 +289,8 @@ def add_sweep_parser(sub) -> None:
 def cmd_sweep(args) -> int:
     if min(args.depths) < 1 or min(args.lrs) <= 0 or args.iters < 1:
         raise ConfigError("--depths, --lrs and --iters must be positive")
+    if not 0 <= args.threads <= 1024:  # issue 8: torch refuses (or overflows on) the rest
+        raise ConfigError("--threads must be in 0..1024")
     records = run_sweep(args.data, args.out, args.depths, args.lrs, args.variants,
                         iters=args.iters, threads=args.threads, n_embd=args.n_embd,
                         n_head=args.n_head, block_size=args.block_size,

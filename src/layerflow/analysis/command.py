@@ -31,6 +31,8 @@ def cmd_analyze(args) -> int:
         raise ConfigError("analyze takes one run directory, or two to compare")
     if min(args.sequences, args.jacobian_top, args.lyapunov) < 1:
         raise ConfigError("--sequences, --jacobian-top and --lyapunov must be positive")
+    if not 0 <= args.seed < 2**63:  # issue 8: torch overflows on larger seeds
+        raise ConfigError("--seed must be in 0..2**63-1")
     text = args.prompt
     if args.text is not None:
         p = Path(args.text)
