@@ -74,10 +74,11 @@ def main(argv=None) -> int:
     p.add_argument("--variants", default="fp32,bf16,bf16-attn")
     p.add_argument("--baby-iters", type=int, default=160)
     p.add_argument("--wide-iters", type=int, default=16)
+    p.add_argument("--wide-log-interval", type=int, default=4)
     p.add_argument("--device", default="auto", choices=("cpu", "cuda", "auto"))
     p.add_argument("--one", nargs=2, metavar=("CONFIG", "VARIANT"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    iters = {"baby": (args.baby_iters, 20), "wide": (args.wide_iters, 4)}
+    iters = {"baby": (args.baby_iters, 20), "wide": (args.wide_iters, args.wide_log_interval)}
     if args.one:
         config, variant = args.one
         print(json.dumps(run_one(config, variant, *iters[config], args.device)))
@@ -91,7 +92,8 @@ def main(argv=None) -> int:
     for config in configs:
         for variant in variants:
             cmd = [sys.executable, __file__, "--one", config, variant, "--device", args.device,
-                   "--baby-iters", str(args.baby_iters), "--wide-iters", str(args.wide_iters)]
+                   "--baby-iters", str(args.baby_iters), "--wide-iters", str(args.wide_iters),
+                   "--wide-log-interval", str(args.wide_log_interval)]
             r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
             if r.returncode != 0:
                 results.append({"config": config, "variant": variant,
