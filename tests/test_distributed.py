@@ -45,16 +45,19 @@ def flags(cfg_overrides: dict) -> list[str]:
     return out
 
 
-def torchrun(nproc: int, run_dir, overrides: dict, timeout: float = 120):
+def torchrun(nproc: int, run_dir, overrides: dict, timeout: float = 300):
     # the defaults of conftest.tiny_config, as command-line flags
     base = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, eval_iters=2, warmup_iters=2,
                 progress=False)
     base.update(overrides)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-           "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-           "-m", "layerflow", "train", "--out", str(run_dir)] + flags(base)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    for _ in range(2):  # a free port can be taken between probing and binding: retry once
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+               "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+               "-m", "layerflow", "train", "--out", str(run_dir)] + flags(base)
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        if r.returncode == 0 or "address already in use" not in (r.stdout + r.stderr).lower():
+            break
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     return r
 
