@@ -199,3 +199,23 @@ def test_integrator_from_cli_flags(tiny_corpus, tmp_path, capsys):
     assert "strang, h=1" in capsys.readouterr().out
     assert main(["train", "--integrator", "nope", "--out", str(tmp_path / "x")]) == 2
     assert "unknown integrator 'nope'" in capsys.readouterr().err
+
+
+def test_unit_step_parities():
+    """h = 1: momentum = Momentum ResNet block; heun = ODE Transformer RK2 block; strang on
+    F = A + M = half MLP, attention, half MLP with midpoint sub-solves written out."""
+    module, x = frozen_transformer_field()
+    f = BoundField(module)
+    A, M = (lambda y: module.attn_term(y)), (lambda y: module.mlp_term(y))
+    v = torch.randn_like(x)
+    out = get_integrator("momentum", gamma=0.8).step(f, 0.0, 1.0, (x, v))
+    v1 = 0.8 * v + 0.2 * (A(x) + M(x))
+    assert torch.allclose(out[1], v1, atol=1e-12) and torch.allclose(out[0], x + v1, atol=1e-12)
+    F = lambda y: A(y) + M(y)  # noqa: E731
+    k1 = F(x)
+    assert torch.allclose(get_integrator("heun").step(f, 0.0, 1.0, x),
+                          x + 0.5 * (k1 + F(x + k1)), atol=1e-12)
+    y = x + 0.5 * M(x + 0.25 * M(x))
+    y = y + A(y + 0.5 * A(y))
+    y = y + 0.5 * M(y + 0.25 * M(y))
+    assert torch.allclose(get_integrator("strang").step(f, 0.0, 1.0, x), y, atol=1e-12)
