@@ -276,3 +276,19 @@ def test_nan_policy_is_validated_and_resumable():
     with pytest.raises(ConfigError, match="nan_policy"):
         tiny_config(nan_policy="ignore")
     assert "nan_policy" in RESUMABLE_KEYS
+
+
+@pytest.mark.parametrize("modern", [True, False])
+def test_guard_checks_gradients_not_only_the_loss(monkeypatch, modern):
+    from layerflow.faults import StepGuard
+
+    if not modern:  # torch < 2.6 has no get_total_norm
+        monkeypatch.delattr(torch.nn.utils, "get_total_norm", raising=False)
+    m = torch.nn.Linear(2, 2)
+    m(torch.ones(1, 2)).sum().backward()
+    g = StepGuard()
+    assert g.check(0, torch.tensor(1.0), m, 0.0) is None
+    m.weight.grad[0, 0] = float("inf")
+    assert g.check(1, torch.tensor(1.0), m, 0.0) == \
+        "non-finite gradient norm is inf (loss 1.0000) at iteration 1"
+    assert not g.skip()  # policy stop

@@ -120,8 +120,11 @@ class StepGuard:
         params = [p for p in model.parameters() if p.grad is not None]
         if grad_clip > 0:
             norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
-        elif params:
+        elif hasattr(torch.nn.utils, "get_total_norm") and params:  # torch >= 2.6
             norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        elif params:
+            norm = torch.linalg.vector_norm(
+                torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in params]))
         else:
             norm = torch.zeros((), device=loss.device)
         if bool(torch.isfinite(loss.detach()) & torch.isfinite(norm)):
