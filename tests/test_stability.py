@@ -160,6 +160,10 @@ def test_bad_configs_are_rejected(tiny_corpus, tmp_path, capsys):
     rc = main(["train", "--data", str(tiny_corpus), "--out", str(tmp_path / "r"),
                "--depth-param", "bogus"])
     assert rc == 2 and "depth_param" in capsys.readouterr().err
+    rc = main(["sweep", "--data", str(tiny_corpus), "--out", str(tmp_path / "s"),
+               "--variants", "ode,bogus"])
+    assert rc == 2 and "unknown variant 'bogus'" in capsys.readouterr().err
+    assert main(["sweep", "--data", str(tiny_corpus), "--lrs", "1e-3,x"]) == 2
 
 
 def test_train_logs_diagnostics_and_info_prints_certificate(tiny_corpus, tmp_path, capsys):
