@@ -22,6 +22,8 @@ Fault injection (tests only): the environment variable `LAYERFLOW_FAULTS` holds 
   slow_write=S       every atomic file write writes half, flushes, sleeps S seconds, finishes
   enospc=GLOB        atomic writes to files whose name matches GLOB write half, then fail with
                      OSError(ENOSPC), as a full disk does
+  hang_write=GLOB    atomic writes to files whose name matches GLOB write half, then sleep an
+                     hour (a test kills the process there: mid-write by construction)
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ def _parse(spec: str) -> dict:
                 out[name] = frozenset(int(v) for v in value.split("+"))
             elif name == "slow_write":
                 out[name] = float(value)
-            elif name == "enospc":
+            elif name in ("enospc", "hang_write"):
                 out[name] = value
             else:
                 raise ValueError(f"unknown fault {name!r}")
@@ -88,17 +90,17 @@ def inject_grads(it: int, model: torch.nn.Module) -> None:
 def write(fileobj, data: bytes, path) -> None:
     """`fileobj.write(data)`, unless a test injected a slow or failing write for `path`."""
     f = active()
-    if not f or not ("slow_write" in f or "enospc" in f):
+    if not f or not ("slow_write" in f or "enospc" in f or "hang_write" in f):
         fileobj.write(data)
         return
     half = len(data) // 2
-    pattern = f.get("enospc")
-    if pattern and fnmatch.fnmatch(Path(path).name, pattern):
-        fileobj.write(data[:half])
-        fileobj.flush()
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     fileobj.write(data[:half])
     fileobj.flush()
+    name = Path(path).name
+    if "enospc" in f and fnmatch.fnmatch(name, f["enospc"]):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    if "hang_write" in f and fnmatch.fnmatch(name, f["hang_write"]):
+        time.sleep(3600)
     time.sleep(f.get("slow_write", 0.0))
     fileobj.write(data[half:])
 

@@ -287,7 +287,8 @@ def run_locked(fn):
         try:
             if lock.recovered:
                 print(f"layerflow: recovered a stale lock in {path} left by "
-                      f"{_describe(lock.recovered)}, which is no longer running", file=sys.stderr)
+                      f"{_describe(lock.recovered)}, which is no longer running", file=sys.stderr,
+                      flush=True)
             clean_stale_temps(path)
             with sigterm_as_interrupt():
                 return fn(cfg, run_dir, *args, **kwargs)
