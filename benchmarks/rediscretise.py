@@ -105,6 +105,7 @@ def table(results: dict) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--markdown", action="store_true")
     ap.add_argument("--save", metavar="DIR", help="also save the trained GPT-2 and a character "
                     "tokenizer.json there (a local HF model directory for `layerflow import-hf`)")
@@ -139,9 +140,9 @@ def main(argv=None) -> int:
     model, _ = from_pretrained(hf)
     results["random"] = rediscretisation_table(model, x_eval, schemes, y_eval)
     t0 = time.perf_counter()
-    train_gpt2(hf, train_ids, block, args.steps)
+    train_gpt2(hf, train_ids, block, args.steps, batch=args.batch)
     seconds = time.perf_counter() - t0
-    info = {"steps": args.steps, "batch": 32, "seconds": round(seconds, 1),
+    info = {"steps": args.steps, "batch": args.batch, "seconds": round(seconds, 1),
             "val_loss_before": round(val_before, 4), "val_loss_after":
             round(hf_loss(hf, val_ids, block), 4)}
     if args.save:
