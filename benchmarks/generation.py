@@ -24,12 +24,12 @@ import time
 import torch
 
 
-def build(block_size: int):
+def build(block_size: int, n_layer: int = 4, n_head: int = 4, n_embd: int = 128):
     from layerflow import RunConfig
     from layerflow.model import build_model
 
     torch.manual_seed(0)
-    cfg = RunConfig().replace(vocab_size=65, n_layer=4, n_head=4, n_embd=128,
+    cfg = RunConfig().replace(vocab_size=65, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
                               block_size=block_size)
     return build_model(cfg).eval()
 
@@ -45,14 +45,20 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", type=int, default=512)
     p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--n-layer", type=int, default=4)
+    p.add_argument("--n-head", type=int, default=4)
+    p.add_argument("--n-embd", type=int, default=128)
+    p.add_argument("--blocks", default="1024,64", help="block sizes to measure")
     args = p.parse_args(argv)
-    if args.tokens <= 0 or args.batch <= 0:
-        print("generation: --tokens and --batch must be positive", file=sys.stderr)
+    if args.tokens <= 0 or args.batch < 0:
+        print("generation: --tokens must be positive and --batch >= 0", file=sys.stderr)
         return 2
-    out = {"benchmark": "generation", "tokens": args.tokens, "threads": torch.get_num_threads()}
+    shape = dict(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
+    out = {"benchmark": "generation", "tokens": args.tokens, **shape,
+           "threads": torch.get_num_threads()}
     prompt = torch.tensor([[1, 2, 3, 4]])
-    for block in (1024, 64):
-        model = build(block)
+    for block in [int(b) for b in args.blocks.split(",")]:
+        model = build(block, **shape)
         timed(model, prompt, 8, True)  # warm-up
         a, t_cached = timed(model, prompt, args.tokens, True)
         b, t_plain = timed(model, prompt, args.tokens, False)
@@ -60,7 +66,10 @@ def main(argv=None) -> int:
                                 "speedup": round(t_plain / t_cached, 1),
                                 "cached_tok_per_s": round(args.tokens / t_cached),
                                 "identical": bool(torch.equal(a, b))}
-    model = build(1024)
+    if not args.batch:
+        print(json.dumps(out))
+        return 0
+    model = build(1024, **shape)
     prompts = torch.randint(65, (args.batch, 4), generator=torch.Generator().manual_seed(1))
     _, t_batched = timed(model, prompts, args.tokens, True)
     t_seq = sum(timed(model, prompts[i:i + 1], args.tokens, True)[1] for i in range(args.batch))

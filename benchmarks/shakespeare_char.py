@@ -64,7 +64,8 @@ def main(argv=None) -> int:
         lr_decay_iters=args.iters, beta2=0.99, weight_decay=0.1, grad_clip=1.0,
         eval_interval=args.eval_interval, eval_iters=args.eval_iters, log_interval=10,
         sample_tokens=0, progress=False, precision=args.precision, compile=args.compile,
-        stop_at_val=args.stop_at_val, seed=args.seed, keep_checkpoints=1)
+        stop_at_val=args.stop_at_val, seed=args.seed, keep_checkpoints=1,
+        ckpt_interval=args.iters)  # one checkpoint at the end: time goes to training
     peak32 = matmul_peak(torch.float32)
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(args.out or Path(tmp) / "run")
