@@ -29,6 +29,8 @@ def main():
     p.add_argument("--integrator", default="lie_trotter")
     p.add_argument("--total-time", type=float, default=4.0)
     p.add_argument("--eval-iters", type=int, default=50)
+    p.add_argument("--step-jitter", type=int, default=1,
+                   help="train with 8·m steps, m uniform in 1..N (FlowConfig.step_jitter)")
     p.add_argument("--out", default="/tmp/layerflow-bench-smooth")
     a = p.parse_args()
     if not DATA.exists():
@@ -41,12 +43,13 @@ def main():
         weight_decay=0.1, grad_clip=1.0, eval_interval=a.iters, eval_iters=a.eval_iters,
         log_interval=max(a.iters // 10, 1), sample_tokens=0, progress=False,
         integrator=a.integrator, weights="smooth", basis_size=4, time_basis="legendre",
-        step_size="T/L", total_time=a.total_time)
-    out = Path(a.out) / f"{a.integrator}-T{a.total_time:g}-{a.iters}"
+        step_size="T/L", total_time=a.total_time, step_jitter=a.step_jitter)
+    out = Path(a.out) / f"{a.integrator}-T{a.total_time:g}-j{a.step_jitter}-{a.iters}"
     t0 = time.perf_counter()
     train(cfg, out)
     train_s = time.perf_counter() - t0
     res = {"benchmark": "smooth_time", "iters": a.iters, "integrator": a.integrator,
+           "step_jitter": a.step_jitter,
            "total_time": a.total_time, "train_s": round(train_s, 1)}
     for n in (8, 16, 32):
         res[f"val_{n}"] = evaluate_run(out, steps=n, eval_iters=a.eval_iters)["val_loss"]

@@ -150,3 +150,29 @@ def test_eval_and_sample_steps_cli(tiny_corpus, tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", str(untied), "--steps", "4"]) == 2
     assert "untied" in capsys.readouterr().err
+
+
+def test_step_jitter_trains_on_several_grids_and_evaluates_on_one():
+    from layerflow import RunConfig
+    from layerflow.config import ConfigError
+
+    torch.manual_seed(0)
+    model = build_model(tiny_config(vocab_size=37, weights="tied", step_jitter=3))
+    f = model.fields[0]
+    calls = []
+    orig = f.attn_term
+    f.attn_term = lambda *a, **k: calls.append(1) or orig(*a, **k)
+    idx = torch.randint(0, 37, (1, 8))
+    seen = set()
+    for _ in range(12):
+        calls.clear()
+        model(idx, idx)
+        seen.add(len(calls))
+    assert seen == {2, 4, 6}  # L = 2 steps times m ∈ {1, 2, 3}
+    model.eval()
+    calls.clear()
+    with torch.no_grad():
+        model(idx)
+    assert len(calls) == 2
+    with pytest.raises(ConfigError, match="step_jitter"):
+        RunConfig().replace(step_jitter=2)

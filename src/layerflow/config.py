@@ -202,6 +202,8 @@ class FlowConfig:
     rtol: float = field(default=1e-3, metadata=_h("relative tolerance of the adaptive solver"))
     atol: float = field(default=1e-4, metadata=_h("absolute tolerance of the adaptive solver"))
     adjoint: bool = field(default=False, metadata=_h("adaptive: backprop by odeint_adjoint"))
+    step_jitter: int = field(default=1, metadata=_h(
+        "tied/smooth training: integrate with L·m steps, m uniform in 1..step_jitter; 1 = off"))
     depth_param: str = field(default="standard", metadata=_h(
         "depth parametrisation: standard (h = step_size) | ode (h = T/L) | sqrt (h = T/sqrt(L)) "
         "| rezero | post_norm | deepnorm (see depth_params.py)"))
@@ -255,6 +257,10 @@ def _check_flow_fields(f: "FlowConfig") -> None:
                           f"got {f.integrator!r}")
     _positive("rtol", f.rtol)
     _positive("atol", f.atol)
+    if isinstance(f.step_jitter, bool) or not isinstance(f.step_jitter, int) or f.step_jitter < 1:
+        raise ConfigError(f"step_jitter must be a positive integer, got {f.step_jitter!r}")
+    if f.step_jitter > 1 and f.weights == "untied":
+        raise ConfigError("step_jitter needs weights tied or smooth")
     if f.adaptive:
         _choice("adaptive", f.adaptive, ADAPTIVE_METHODS)
         if f.weights == "untied":

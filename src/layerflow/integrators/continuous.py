@@ -61,7 +61,35 @@ def configure_flow(model, cfg):
         from .adaptive import AdaptiveSolver
 
         model.solver = AdaptiveSolver(fl.adaptive, fl.rtol, fl.atol, fl.adjoint)
+    if getattr(fl, "step_jitter", 1) > 1:
+        if len(model.fields) != 1 or fl.learn_step_size or fl.reversible or fl.adaptive:
+            raise ConfigError("step_jitter needs weights tied or smooth, fixed step sizes, and "
+                              "neither reversible nor adaptive")
+        model.solver = StepJitter(fl.step_jitter)
     return model
+
+
+class StepJitter:
+    """Training-time re-discretisation: each training forward integrates [0, T] with
+    n = L·m steps, m drawn uniformly from 1..`max_factor` (torch RNG, so exact resume holds);
+    evaluation and generation use the L steps of the model. Training a tied/smooth model at
+    several step sizes asks it to be a discretisation of one ODE rather than of one grid."""
+
+    supports_cache = True
+
+    def __init__(self, max_factor: int):
+        self.max_factor = int(max_factor)
+
+    def __call__(self, model, x, ctx):
+        if not (model.training and torch.is_grad_enabled()) or ctx is not None:
+            return None
+        from .base import BoundField, integrate
+
+        m = int(torch.randint(1, self.max_factor + 1, (1,)).item())
+        n = model.n_steps * m
+        h = model.step_size / m
+        module = model.fields[0]
+        return integrate(model.integrator, lambda k: BoundField(module), [h] * n, x)
 
 
 def total_time(model) -> float:
