@@ -5,7 +5,13 @@ from .fields import MLP, CausalSelfAttention, KVCache, TransformerField
 from .hf import from_pretrained
 from .hooks import Trajectory, hooks, run_with_trajectory
 from .integrators import (
-    INTEGRATORS, ExplicitEuler, Integrator, LieTrotter, get_integrator, integrate, register,
+    INTEGRATORS,
+    ExplicitEuler,
+    Integrator,
+    LieTrotter,
+    get_integrator,
+    integrate,
+    register,
 )
 from .model import FlowLM, build_model
 from .train import load_run, train
