@@ -113,6 +113,8 @@ def cmd_train(args) -> int:
 
     cfg = config_from_args(args)
     summary = train(cfg, args.out)
+    if summary.get("rank", 0) != 0:  # torchrun: rank 0 reports for everyone (issue 7)
+        return 0 if summary["status"] == "done" else 1
     best = summary["best_val"]
     best = "n/a" if best is None else f"{best:.4f}"
     print(f"{summary['status']}: {summary['run_dir']} (iteration {summary['iter']}, "

@@ -308,6 +308,8 @@ def train(cfg: RunConfig, run_dir, on_step=None) -> dict:
                "run_dir": str(run_dir)}
     if reached is not None:
         summary["reached_val_at"] = reached
+    if dinfo.enabled:
+        summary["rank"] = dinfo.rank
     if status == "done" and dinfo.is_main:
         finish_run(run_dir, model, tokenizer, tc, device)
     ddp.teardown(dinfo)
