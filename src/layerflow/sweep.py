@@ -20,6 +20,7 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .config import ConfigError, RunConfig
@@ -41,7 +42,7 @@ VARIANTS = {
 }
 DEPTH_SCALED = ("ode", "sqrt", "nonexpansive", "leapfrog")
 FIELDS = ("variant", "depth", "lr", "iters", "final_val", "final_train", "init_loss", "diverged",
-          "diverged_at", "max_jump", "grad_ratio_init", "grad_ratio_end", "seconds")
+          "diverged_at", "stalled", "max_jump", "grad_ratio_init", "grad_ratio_end", "seconds")
 
 
 def base_config(data: str, n_embd=64, n_head=4, block_size=64, batch_size=8, iters=300,
@@ -104,6 +105,19 @@ def run_one(base: RunConfig, data, vocab_size: int, variant: str, depth: int, lr
             "seconds": time.perf_counter() - t0}
 
 
+def unigram_loss(ids) -> float:
+    """Entropy (nats/token) of the token frequencies: the loss of the best context-free model.
+    A run whose final loss is not below it learned no more than unigram statistics."""
+    counts = np.bincount(np.asarray(ids, dtype=np.int64))
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def mark_stalled(records: list[dict], unigram: float, margin: float = 0.05) -> None:
+    for r in records:
+        r["stalled"] = bool(not r["diverged"] and r["final_val"] >= unigram - margin)
+
+
 def _finite(x):
     return x if isinstance(x, (int, float)) and math.isfinite(x) else None
 
@@ -124,6 +138,7 @@ def run_sweep(data_path: str, out, depths, lrs, variants, iters=300, threads=0, 
     tokenizer, ids = prepare_data(base.data, out)
     data = split_tokens(ids, base.data.val_fraction, base.model.block_size)
     grid = [(v, d, lr) for d in depths for v in variants for lr in lrs]
+    unigram = unigram_loss(data.splits["val"])
     records = []
     bar = tqdm(grid, desc="sweep", unit="run", disable=not progress, dynamic_ncols=True)
     for v, d, lr in bar:
@@ -137,11 +152,12 @@ def run_sweep(data_path: str, out, depths, lrs, variants, iters=300, threads=0, 
             tmp.write_text(json.dumps(rec, allow_nan=True))
             os.replace(tmp, path)
         records.append(rec)
-    write_results(records, out)
+    mark_stalled(records, unigram)
+    write_results(records, out, unigram)
     return records
 
 
-def write_results(records: list[dict], out) -> None:
+def write_results(records: list[dict], out, unigram: float | None = None) -> None:
     out = Path(out)
     with open(out / "results.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
@@ -150,9 +166,9 @@ def write_results(records: list[dict], out) -> None:
             w.writerow({k: (f"{r[k]:.6g}" if isinstance(r[k], float) else r[k]) for k in FIELDS})
     clean = [{k: (_finite(v) if isinstance(v, float) else v) for k, v in r.items()}
              for r in records]
-    (out / "results.json").write_text(json.dumps({"runs": clean, "summary": summarize(records)},
-                                                 indent=1))
-    plot_sweep(records, out)
+    (out / "results.json").write_text(json.dumps({"runs": clean, "summary": summarize(records),
+                                                  "unigram_loss": unigram}, indent=1))
+    plot_sweep(records, out, unigram)
 
 
 def summarize(records: list[dict]) -> dict:
@@ -177,11 +193,13 @@ def summarize(records: list[dict]) -> dict:
                   "best_val": {str(d): min((r["final_val"] for r in rs if r["depth"] == d
                                             and not r["diverged"]), default=None)
                                for d in depths},
+                  "stalled": {str(d): sum(bool(r.get("stalled")) for r in rs if r["depth"] == d)
+                              for d in depths},
                   "lr_transfer": transfer}
     return out
 
 
-def plot_sweep(records: list[dict], out) -> None:
+def plot_sweep(records: list[dict], out, unigram: float | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -205,12 +223,14 @@ def plot_sweep(records: list[dict], out) -> None:
                             label=f"L={d}")
             bad = [r["lr"] for r in rs if r["diverged"]]
             ax.plot(bad, [top] * len(bad), "x", color=line.get_color(), ms=8, mew=2)
+        if unigram is not None:
+            ax.axhline(unigram, color="gray", ls="--", lw=0.8)
         ax.set_xscale("log")
         ax.set_title(v, fontsize=9)
         ax.grid(alpha=0.3)
     for ax in axes.flat[n:]:
         ax.axis("off")
-    axes.flat[0].set_ylabel("final val loss (x = diverged)")
+    axes.flat[0].set_ylabel("final val loss (x = diverged;\n-- = unigram loss)", fontsize=8)
     axes.flat[0].legend(fontsize=7)
     fig.supxlabel("learning rate", fontsize=9)
     fig.tight_layout()
