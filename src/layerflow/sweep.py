@@ -303,7 +303,8 @@ def add_sweep_parser(sub) -> None:
     p.add_argument("--grad-clip", type=float, default=0.0)
     p.add_argument("--eval-iters", type=int, default=20)
     p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--threads", type=int, default=0, help="torch threads; 0 = default")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (1 is fastest for small widths); 0 = torch default")
 
 
 def cmd_sweep(args) -> int:
