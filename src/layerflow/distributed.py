@@ -74,6 +74,7 @@ def setup(device: str) -> DistInfo:
 
 def teardown(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
+        dist.barrier()  # no rank tears down gloo while another is still in a collective
         dist.destroy_process_group()
 
 
