@@ -90,13 +90,6 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="describe a run: config, size, progress")
     i.add_argument("run_dir")
 
-    h = sub.add_parser("import-hf", help="import a local Hugging Face GPT-2/Llama model as a run")
-    h.add_argument("path", help="local model directory (config.json + weights; no download)")
-    h.add_argument("out_run_dir", help="new run directory to write")
-    from .rediscretise import add_rediscretise_parser  # issue 9
-
-    add_rediscretise_parser(sub)
-
     from .analysis.command import add_analyze_parser  # issue 6
 
     add_analyze_parser(sub)
@@ -105,6 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
     from .sweep import add_sweep_parser  # issue 4
 
     add_sweep_parser(sub)
+
+    h = sub.add_parser("import-hf", help="import a local Hugging Face GPT-2/Llama model as a run")
+    h.add_argument("path", help="local model directory (config.json + weights; no download)")
+    h.add_argument("out_run_dir", help="new run directory to write")
+    from .rediscretise import add_rediscretise_parser  # issue 9
+
+    add_rediscretise_parser(sub)
     return p
 
 

@@ -107,12 +107,12 @@ class ModelConfig:
         "vector field: transformer | nonexpansive (L2 attention + gradient MLP steps)"))
     expansive_every: int = field(default=0, metadata=_h(
         "nonexpansive: every k-th step's MLP is expansive (+h·Wᵀσ(Wx+b)); 0 = never"))
-
     # energy model (issue 5, energy_lm.py): n_layer = descent steps of one shared block
     n_memories: int = field(default=0, metadata=_h("energy: Hopfield memories; 0 = 4*n_embd"))
     hopfield: str = field(default="relu", metadata=_h("energy: Hopfield memory relu | softmax"))
     energy_beta: float = field(default=0.0, metadata=_h(
         "energy: attention inverse temperature beta; 0 = 1/sqrt(head dim)"))
+
     def __post_init__(self):
         _check_limits(self)
         _choice("model", self.model, MODEL_FAMILIES)
@@ -135,8 +135,8 @@ class ModelConfig:
                 or self.expansive_every < 0:
             raise ConfigError(f"expansive_every must be a non-negative integer, "
                               f"got {self.expansive_every!r}")
-
         _check_energy_fields(self)
+
 
 MODEL_FAMILIES = {"flow", "gpt2", "llama", "energy"}
 
