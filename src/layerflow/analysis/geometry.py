@@ -114,16 +114,19 @@ def capture_attention(model, idx: torch.Tensor) -> list[list[torch.Tensor]]:
     """Attention probabilities of every attention call, grouped by step: out[k] is a list of
     (B, H, T, T) tensors, one per attention module call during step k (several for integrators
     that evaluate the field more than once). Works for any field containing
-    `CausalSelfAttention` modules; returns [] when there is none."""
+    `CausalSelfAttention` modules or modules with their own `attention_probs(x)` method (e.g.
+    imported GQA attention); returns [] when there is none."""
     mods = {id(m): m for k in range(model.n_steps) for m in model.field_module(k).modules()
-            if isinstance(m, CausalSelfAttention)}
+            if isinstance(m, CausalSelfAttention) or callable(getattr(m, "attention_probs", None))}
     if not mods:
         return []
     out: list[list[torch.Tensor]] = [[] for _ in range(model.n_steps)]
     current = [0]
 
     def pre(module, args):
-        out[min(current[0], model.n_steps - 1)].append(attention_probs(module, args[0]))
+        own = getattr(module, "attention_probs", None)
+        probs = own(args[0]) if callable(own) else attention_probs(module, args[0])
+        out[min(current[0], model.n_steps - 1)].append(probs)
 
     def advance(value, name):
         current[0] = int(name.split(".")[2]) + 1
