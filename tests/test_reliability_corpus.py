@@ -11,7 +11,6 @@ import uuid
 
 import numpy as np
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -22,13 +21,6 @@ from layerflow.data import BPETokenizer, DataError, decode_text, prepare_data
 
 SETTINGS = dict(deadline=None, suppress_health_check=list(HealthCheck))
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def expected_refusal(data: bytes, kind: str) -> str | None:

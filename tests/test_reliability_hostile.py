@@ -35,13 +35,6 @@ from layerflow.config import SECTIONS, ConfigError, RunConfig
 SRC = Path(__file__).resolve().parents[1] / "src" / "layerflow"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def good_run(tmp_path_factory):

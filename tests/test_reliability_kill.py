@@ -27,14 +27,6 @@ ARGS = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "8"
 KEEP = 2
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is ~10x faster than two on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 class Server:
     def __init__(self, tmp: Path):

@@ -16,15 +16,6 @@ from layerflow.fields.lipschitz import L2SelfAttention
 from layerflow.fields.transformer import CausalSelfAttention
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is faster, and far faster on a shared, loaded CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def model_for(**kw):
     torch.manual_seed(0)
     return build_model(tiny_config(vocab_size=37, **kw))

@@ -18,15 +18,6 @@ from layerflow.steering import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest (and least disturbed by other jobs) on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny(integrator="lie_trotter", **kw):
     torch.manual_seed(0)
     return build_model(tiny_config(integrator=integrator, vocab_size=37, **kw)).eval()
