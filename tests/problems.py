@@ -9,7 +9,6 @@ ODE discretised by each integrator (its `dynamics` attribute):
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import scipy.linalg
 import torch
 
@@ -114,11 +113,3 @@ def frozen_transformer_field(n_embd: int = 16, n_head: int = 2, seed: int = 0, s
 def harmonic_energy(x, v):
     return 0.5 * (x ** 2 + v ** 2)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: intra-op threads only add overhead (and a lot of it on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)

@@ -44,14 +44,6 @@ from layerflow.cli import main
 D64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These systems are tiny: one intra-op thread is ~10x faster on a shared, loaded CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 class Linear(nn.Module):
     """F(X) = X A."""

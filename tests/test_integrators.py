@@ -12,7 +12,6 @@ from problems import (
     frozen_transformer_field,
     linear_field,
     linear_problem,
-    one_thread,  # noqa: F401  (autouse fixture)
     reference_solution,
     run,
     slope,

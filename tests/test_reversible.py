@@ -5,7 +5,6 @@ import torch
 from conftest import tiny_config
 from problems import (
     frozen_transformer_field,
-    one_thread,  # noqa: F401  (autouse fixture)
 )
 
 from layerflow import RunConfig, build_model, get_integrator
