@@ -64,21 +64,21 @@ class Trajectory(dict):
         ks = sorted(int(n.split(".")[2]) for n in self if n.endswith(".state"))
         return torch.stack([self["embed"]] + [self[f"flow.step.{k}.state"] for k in ks])
 
+    def record(self, value, name):
+        """A hook that keeps a detached copy of `value` (a list once `name` fires twice)."""
+        v = value.detach()
+        if name in self:
+            prev = self[name]
+            self[name] = (prev if isinstance(prev, list) else [prev]) + [v]
+        else:
+            self[name] = v
+
 
 def run_with_trajectory(model, idx, pattern: str = "*", **kwargs):
     """Run `model(idx)` and cache every hook point matching `pattern`.
 
     Returns (logits, Trajectory)."""
     cache = Trajectory()
-
-    def keep(value, name):
-        v = value.detach()
-        if name in cache:
-            prev = cache[name]
-            cache[name] = (prev if isinstance(prev, list) else [prev]) + [v]
-        else:
-            cache[name] = v
-
-    with hooks(model, {pattern: keep}):
+    with hooks(model, {pattern: cache.record}):
         logits, _ = model(idx, **kwargs)
     return logits, cache

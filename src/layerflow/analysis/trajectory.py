@@ -42,17 +42,8 @@ def flow_from(model, x0: torch.Tensor) -> Trajectory:
     Returns a Trajectory with `embed` = x0 and every `flow.step.*` point, so toy systems (particles
     on a sphere, linear fields) are measured with the same functions as language models."""
     traj = Trajectory()
-
-    def keep(value, name):
-        v = value.detach()
-        if name in traj:
-            prev = traj[name]
-            traj[name] = (prev if isinstance(prev, list) else [prev]) + [v]
-        else:
-            traj[name] = v
-
     traj["embed"] = x0.detach()
-    model.flow(x0, FlowContext(None, [("flow.step.*", keep)]))
+    model.flow(x0, FlowContext(None, [("flow.step.*", traj.record)]))
     return traj
 
 

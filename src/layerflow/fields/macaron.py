@@ -10,10 +10,6 @@ for h/2). Every other integrator simply sees a three-term field F.
 
 from __future__ import annotations
 
-import math
-
-import torch.nn as nn
-
 from .transformer import MLP, TransformerField, make_norm
 
 
@@ -39,10 +35,5 @@ class MacaronField(TransformerField):
     def terms(self):
         return (self.mlp_a_term, self.attn_term, self.mlp_b_term)
 
-    def init_weights(self, n_layer: int, std: float = 0.02):
-        super().init_weights(n_layer, std)
-        nn.init.normal_(self.mlp_b.c_fc.weight, 0.0, std)
-        nn.init.normal_(self.mlp_b.c_proj.weight, 0.0, std / math.sqrt(2 * n_layer))
-        for lin in (self.mlp_b.c_fc, self.mlp_b.c_proj):
-            if lin.bias is not None:
-                nn.init.zeros_(lin.bias)
+    def output_projections(self):
+        return super().output_projections() + [self.mlp_b.c_proj]

@@ -161,18 +161,10 @@ class PretrainedField(TransformerField):
         return cls(make_norm_eps(m.norm, m.n_embd, m.bias, m.norm_eps), attn,
                    make_norm_eps(m.norm, m.n_embd, m.bias, m.norm_eps), mlp, m.dropout)
 
-    def init_weights(self, n_layer: int, std: float = 0.02):
-        """N(0, std) matrices, zero biases, output projections scaled by 1/√(2L) (GPT-2)."""
-        for mod in self.modules():
-            if isinstance(mod, nn.Linear):
-                nn.init.normal_(mod.weight, 0.0, std)
-                if mod.bias is not None:
-                    nn.init.zeros_(mod.bias)
+    def output_projections(self) -> list[nn.Linear]:
         outs = [self.attn.o_proj, getattr(self.mlp, "c_proj", None),
                 getattr(self.mlp, "down_proj", None)]
-        for proj in outs:
-            if proj is not None:
-                nn.init.normal_(proj.weight, 0.0, std / math.sqrt(2 * n_layer))
+        return [p for p in outs if p is not None]
 
 
 def build_pretrained(cfg, vocab_size: int | None = None):

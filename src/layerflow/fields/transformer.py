@@ -172,5 +172,9 @@ class TransformerField(nn.Module):
                 nn.init.normal_(m.weight, 0.0, std)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-        for proj in (self.attn.c_proj, self.mlp.c_proj):
+        for proj in self.output_projections():
             nn.init.normal_(proj.weight, 0.0, std / math.sqrt(2 * n_layer))
+
+    def output_projections(self) -> list[nn.Linear]:
+        """The layers that write into the residual stream (scaled down at init)."""
+        return [self.attn.c_proj, self.mlp.c_proj]
