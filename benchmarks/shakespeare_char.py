@@ -32,7 +32,22 @@ import torch
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 
 
-def main(argv=None) -> int:
+def baby_config(args):
+    """The nanoGPT baby recipe as a RunConfig; `args` holds this script's options."""
+    from layerflow import RunConfig
+
+    return RunConfig().replace(
+        data=args.data, tokenizer="char", integrator="lie_trotter", step_size="1", n_layer=4,
+        n_head=4, n_embd=128, block_size=64, dropout=0.0, bias=True, batch_size=args.batch_size,
+        max_iters=args.iters, lr=args.lr, min_lr=args.min_lr, warmup_iters=args.warmup,
+        lr_decay_iters=args.iters, beta2=0.99, weight_decay=0.1, grad_clip=1.0,
+        eval_interval=args.eval_interval, eval_iters=args.eval_iters, log_interval=10,
+        sample_tokens=0, progress=False, precision=args.precision, compile=args.compile,
+        stop_at_val=args.stop_at_val, seed=args.seed, keep_checkpoints=1,
+        ckpt_interval=args.iters)  # one checkpoint at the end: time goes to training
+
+
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default=str(DATA))
     p.add_argument("--iters", type=int, default=2000)
@@ -47,25 +62,22 @@ def main(argv=None) -> int:
     p.add_argument("--stop-at-val", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--out", default="", help="run directory (default: a temporary one)")
+    return p
+
+
+def main(argv=None) -> int:
+    p = parser()
     args = p.parse_args(argv)
     if not Path(args.data).exists():
         print(f"shakespeare_char: data not found: {args.data}", file=sys.stderr)
         return 2
 
-    from layerflow import RunConfig, train
+    from layerflow import train
     from layerflow.model import build_model
     from layerflow.speed import flops_per_token, matmul_peak, peak_rss_mib
     from layerflow.train import read_metrics
 
-    cfg = RunConfig().replace(
-        data=args.data, tokenizer="char", integrator="lie_trotter", step_size="1", n_layer=4,
-        n_head=4, n_embd=128, block_size=64, dropout=0.0, bias=True, batch_size=args.batch_size,
-        max_iters=args.iters, lr=args.lr, min_lr=args.min_lr, warmup_iters=args.warmup,
-        lr_decay_iters=args.iters, beta2=0.99, weight_decay=0.1, grad_clip=1.0,
-        eval_interval=args.eval_interval, eval_iters=args.eval_iters, log_interval=10,
-        sample_tokens=0, progress=False, precision=args.precision, compile=args.compile,
-        stop_at_val=args.stop_at_val, seed=args.seed, keep_checkpoints=1,
-        ckpt_interval=args.iters)  # one checkpoint at the end: time goes to training
+    cfg = baby_config(args)
     peak32 = matmul_peak(torch.float32)
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(args.out or Path(tmp) / "run")

@@ -176,3 +176,20 @@ def test_step_jitter_trains_on_several_grids_and_evaluates_on_one():
     assert len(calls) == 2
     with pytest.raises(ConfigError, match="step_jitter"):
         RunConfig().replace(step_jitter=2)
+
+
+def test_embed_scale_multiplies_the_initial_state_and_is_validated():
+    """X_0 = s·(E[tok] + P[pos]): the flow of a scaled model starts at s times the embedding."""
+    from layerflow.config import ConfigError
+
+    idx = torch.randint(0, 37, (2, 9))
+    torch.manual_seed(0)
+    plain = build_model(tiny_config(vocab_size=37))
+    torch.manual_seed(0)
+    scaled = build_model(tiny_config(vocab_size=37, embed_scale=8.0))
+    scaled.load_state_dict(plain.state_dict())
+    assert torch.allclose(scaled.embed(idx), 8.0 * plain.embed(idx), atol=1e-6)
+    assert not torch.allclose(scaled(idx)[0], plain(idx)[0], atol=1e-3)
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ConfigError, match="embed_scale"):
+            tiny_config(embed_scale=bad)

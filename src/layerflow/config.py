@@ -53,6 +53,8 @@ class ModelConfig:
     norm_eps: float = field(default=0.0, metadata=_h("norm epsilon; 0 = 1e-5 LN, 1e-6 RMS"))
     rope_theta: float = field(default=10000.0, metadata=_h("RoPE base frequency"))
     tie_head: bool = field(default=True, metadata=_h("unembedding tied to the embedding"))
+    embed_scale: float = field(default=1.0, metadata=_h(
+        "X_0 = s·(E[tok] + P[pos]); e.g. √d (Vaswani et al. 2017) so the flow starts at O(√d)"))
     # stability (issue 4): certified non-expansive field, see fields/lipschitz.py
     vector_field: str = field(default="transformer", metadata=_h(
         "vector field: transformer | nonexpansive (L2 attention + gradient MLP steps)"))
@@ -69,7 +71,7 @@ class ModelConfig:
         _choice("model", self.model, MODEL_FAMILIES)
         _check_imported_fields(self)
         _non_negative("vocab_size", self.vocab_size)
-        for name in ("n_layer", "n_head", "n_embd", "block_size", "mlp_ratio"):
+        for name in ("n_layer", "n_head", "n_embd", "block_size", "mlp_ratio", "embed_scale"):
             _positive(name, getattr(self, name))
         if not self.head_dim and self.n_embd % self.n_head:
             raise ConfigError(

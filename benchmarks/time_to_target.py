@@ -1,0 +1,63 @@
+"""Time to val loss 1.88 on tinyshakespeare (baby configuration), against nanoGPT on this machine.
+
+Runs, back to back in one process and with the same threads: (1) the nanoGPT baseline — a replica
+of nanoGPT's CPU baby run (benchmarks/nanogpt_reference.py: fp32, 2000 iterations, which is how
+long nanoGPT's configuration takes to reach ≈1.88); (2) layerflow's `train()` on the same model
+shape, data and batch with the recipe given here (default: bf16 autocast, lr 3e-3 on a cosine
+schedule over 2000 iterations), stopping at the first evaluation with val loss ≤ `--target`.
+Prints ONE JSON line with both wall times and their ratio (issue 7 target: ≤ 0.5).
+
+    python benchmarks/time_to_target.py
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from nanogpt_reference import run as run_reference  # noqa: E402
+from shakespeare_char import baby_config, parser  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = parser()
+    p.set_defaults(precision="bf16", lr=3e-3, eval_interval=100, stop_at_val=1.88)
+    p.add_argument("--threads", type=int, default=0, help="intra-op threads; 0 = torch default")
+    p.add_argument("--skip-reference", action="store_true")
+    args = p.parse_args(argv)
+    if not Path(args.data).exists():
+        print(json.dumps({"benchmark": "time_to_target", "skipped": f"{args.data} not found"}))
+        return 0
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from layerflow import train
+
+    out = {"benchmark": "time_to_target", "target_val_loss": args.stop_at_val,
+           "threads": torch.get_num_threads()}
+    if not args.skip_reference:
+        ref = run_reference(Path(args.data).read_text(encoding="utf-8"), seed=args.seed)
+        out["nanogpt_replica"] = {k: round(v, 4 if "loss" in k else 1) for k, v in ref.items()}
+    cfg = baby_config(args)
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        summary = train(cfg, Path(tmp) / "run")
+        wall = time.perf_counter() - t0
+    out["layerflow"] = {"precision": args.precision, "lr": args.lr, "schedule_iters": args.iters,
+                        "eval_interval": args.eval_interval, "eval_iters": args.eval_iters,
+                        "reached": "reached_val_at" in summary, "iters": summary["iter"],
+                        "best_val_loss": round(summary["best_val"], 4), "wall_s": round(wall, 1)}
+    if not args.skip_reference:
+        out["ratio"] = round(wall / ref["wall_s"], 3)
+        out["target_met"] = bool(out["layerflow"]["reached"] and out["ratio"] <= 0.5)
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
