@@ -74,19 +74,29 @@ def resolve_device(name: str) -> str:
 @torch.no_grad()
 def estimate_loss(model, data, tc, it: int, device: str, splits=("train", "val")) -> dict:
     """Mean loss over `eval_iters` batches per split, from a generator seeded by (seed, it), so
-    evaluation never perturbs the training RNG streams."""
+    evaluation never perturbs the training RNG streams. Batches of equal size are stacked into
+    forwards of ≈ EVAL_TOKENS tokens (the mean of equal-size batch means is unchanged; fewer,
+    larger matrix products run faster)."""
     was = model.training
     model.eval()
     out = {}
     for split in splits:
         g = torch.Generator().manual_seed(tc.seed * 1_000_003 + it)
-        losses = torch.zeros(tc.eval_iters)
-        for i in range(tc.eval_iters):
-            x, y = data.get_batch(split, tc.batch_size, g)
-            losses[i] = model(x.to(device), y.to(device))[1].item()
-        out[split] = losses.mean().item()
+        batches = [data.get_batch(split, tc.batch_size, g) for _ in range(tc.eval_iters)]
+        per = max(1, EVAL_TOKENS // max(1, batches[0][0].numel())) if batches else 1
+        total = 0.0
+        for i in range(0, len(batches), per):
+            chunk = batches[i:i + per]
+            x = torch.cat([b[0] for b in chunk]).to(device)
+            y = torch.cat([b[1] for b in chunk]).to(device)
+            total += model(x, y)[1].item() * len(chunk)
+        out[split] = total / max(1, len(batches)) if batches else float("nan")
     model.train(was)
     return out
+
+
+#: tokens per evaluation forward (estimate_loss stacks batches up to this size)
+EVAL_TOKENS = 16384
 
 
 @contextmanager
