@@ -71,6 +71,10 @@ def resolve_device(name: str) -> str:
     return name
 
 
+#: tokens per evaluation forward (estimate_loss stacks batches up to this size)
+EVAL_TOKENS = 16384
+
+
 @torch.no_grad()
 def estimate_loss(model, data, tc, it: int, device: str, splits=("train", "val")) -> dict:
     """Mean loss over `eval_iters` batches per split, from a generator seeded by (seed, it), so
@@ -83,20 +87,17 @@ def estimate_loss(model, data, tc, it: int, device: str, splits=("train", "val")
     for split in splits:
         g = torch.Generator().manual_seed(tc.seed * 1_000_003 + it)
         batches = [data.get_batch(split, tc.batch_size, g) for _ in range(tc.eval_iters)]
-        per = max(1, EVAL_TOKENS // max(1, batches[0][0].numel())) if batches else 1
+        per = max(1, EVAL_TOKENS // batches[0][0].numel())  # eval_iters ≥ 1 (config)
         total = 0.0
         for i in range(0, len(batches), per):
             chunk = batches[i:i + per]
             x = torch.cat([b[0] for b in chunk]).to(device)
             y = torch.cat([b[1] for b in chunk]).to(device)
             total += model(x, y)[1].item() * len(chunk)
-        out[split] = total / max(1, len(batches)) if batches else float("nan")
+        out[split] = total / len(batches)
     model.train(was)
     return out
 
-
-#: tokens per evaluation forward (estimate_loss stacks batches up to this size)
-EVAL_TOKENS = 16384
 
 
 @contextmanager
