@@ -44,7 +44,8 @@ def baby_config(args):
         eval_interval=args.eval_interval, eval_iters=args.eval_iters, log_interval=10,
         sample_tokens=0, progress=False, precision=args.precision, compile=args.compile,
         stop_at_val=args.stop_at_val, seed=args.seed, keep_checkpoints=1,
-        ckpt_interval=args.iters)  # one checkpoint at the end: time goes to training
+        ckpt_interval=args.iters,  # one checkpoint at the end: time goes to training
+        pos_emb=args.pos_emb, embed_scale=args.embed_scale)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -61,6 +62,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true")
     p.add_argument("--stop-at-val", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--pos-emb", default="learned", choices=("learned", "rope"))
+    p.add_argument("--embed-scale", type=float, default=1.0, help="X_0 = s·embedding")
     p.add_argument("--out", default="", help="run directory (default: a temporary one)")
     return p
 

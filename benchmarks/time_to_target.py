@@ -3,8 +3,9 @@
 Runs, back to back in one process and with the same threads: (1) the nanoGPT baseline — a replica
 of nanoGPT's CPU baby run (benchmarks/nanogpt_reference.py: fp32, 2000 iterations, which is how
 long nanoGPT's configuration takes to reach ≈1.88); (2) layerflow's `train()` on the same model
-shape, data and batch with the recipe given here (default: bf16 autocast, lr 3e-3 on a cosine
-schedule over 2000 iterations), stopping at the first evaluation with val loss ≤ `--target`.
+shape, data and batch with the recipe given here (default: rotary positions instead of a learned
+position table, bf16 autocast, lr 3e-3 on a cosine schedule over 1000 iterations, evaluation every
+50), stopping at the first evaluation with val loss ≤ `--stop-at-val`.
 Prints ONE JSON line with both wall times and their ratio (issue 7 target: ≤ 0.5).
 
     python benchmarks/time_to_target.py
@@ -27,7 +28,8 @@ from shakespeare_char import baby_config, parser  # noqa: E402
 
 def main(argv=None) -> int:
     p = parser()
-    p.set_defaults(precision="bf16", lr=3e-3, eval_interval=100, stop_at_val=1.88)
+    p.set_defaults(precision="bf16", lr=3e-3, iters=1000, pos_emb="rope", eval_interval=50,
+                   stop_at_val=1.88)
     p.add_argument("--threads", type=int, default=0, help="intra-op threads; 0 = torch default")
     p.add_argument("--skip-reference", action="store_true")
     args = p.parse_args(argv)
@@ -48,7 +50,7 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         summary = train(cfg, Path(tmp) / "run")
         wall = time.perf_counter() - t0
-    out["layerflow"] = {"precision": args.precision, "lr": args.lr, "schedule_iters": args.iters,
+    out["layerflow"] = {"pos_emb": args.pos_emb, "precision": args.precision, "lr": args.lr, "schedule_iters": args.iters,
                         "eval_interval": args.eval_interval, "eval_iters": args.eval_iters,
                         "reached": "reached_val_at" in summary, "iters": summary["iter"],
                         "best_val_loss": round(summary["best_val"], 4), "wall_s": round(wall, 1)}

@@ -103,3 +103,23 @@ def test_loss_is_cross_entropy():
     idx, tgt = torch.randint(0, 37, (2, 16)), torch.randint(0, 37, (2, 16))
     logits, loss = model(idx, tgt)
     assert abs(loss.item() - F.cross_entropy(logits.reshape(-1, 37), tgt.reshape(-1)).item()) < 1e-6
+
+
+def test_rope_rotates_pairs_by_position_angle():
+    """apply_rope = rotation of (x_i, x_{i+D/2}) by p·10000^(−2i/D); scores depend on p − m only."""
+    from layerflow.fields.transformer import apply_rope, rope_tables
+
+    D, T = 8, 11
+    x = torch.randn(2, 3, T, D, dtype=torch.float64)
+    rc, rs = rope_tables(D, 0, T, "cpu", torch.float64)
+    ang = torch.arange(T, dtype=torch.float64)[:, None] * 10000.0 ** (
+        -torch.arange(0, D, 2, dtype=torch.float64) / D)
+    x1, x2 = x[..., :D // 2], x[..., D // 2:]
+    want = torch.cat([x1 * ang.cos() - x2 * ang.sin(), x2 * ang.cos() + x1 * ang.sin()], -1)
+    torch.testing.assert_close(apply_rope(x, rc, rs), want)
+    late = rope_tables(D, 5, 4, "cpu", torch.float64)  # an offset slice of the same tables
+    torch.testing.assert_close(late[0], rc[5:9])
+    torch.testing.assert_close(late[1], rs[5:9])
+    q, k = torch.randn(D, dtype=torch.float64), torch.randn(D, dtype=torch.float64)
+    r = lambda v, p: apply_rope(v, *rope_tables(D, p, 1, "cpu", torch.float64))[0]  # noqa: E731
+    torch.testing.assert_close(r(q, 7) @ r(k, 3), r(q, 4) @ r(k, 0))

@@ -102,8 +102,8 @@ def attention_probs(attn: CausalSelfAttention, x: torch.Tensor) -> torch.Tensor:
     nh, hd = attn.n_head, C // attn.n_head
     q, k, _ = attn.c_attn(x).view(B, T, 3, nh, hd).permute(2, 0, 3, 1, 4)
     if attn.rope:
-        cos, sin = rope_tables(hd, torch.arange(T, device=x.device))
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        rc, rs = rope_tables(hd, 0, T, x.device, q.dtype)
+        q, k = apply_rope(q, rc, rs), apply_rope(k, rc, rs)
     scores = (q @ k.transpose(-1, -2)) / math.sqrt(hd)
     mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
     return scores.masked_fill(~mask, float("-inf")).softmax(-1)

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .transformer import TransformerField, apply_rope
+from .transformer import TransformerField, apply_rope, rope_rotation
 
 ACTIVATIONS = {
     "gelu": F.gelu,
@@ -62,11 +62,10 @@ class GQAttention(nn.Module):
             inv = 1.0 / (self.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
             self.register_buffer("inv_freq", inv)
 
-    def rope_tables(self, start: int, T: int, device):
-        """cos/sin of the angles p·ω_i for positions p = start..start+T-1, shape (T, d_h/2)."""
+    def rope_tables(self, start: int, T: int, device, dtype=torch.float32):
+        """(C, S) of `apply_rope` for the angles p·ω_i, positions p = start..start+T-1."""
         pos = torch.arange(start, start + T, device=device, dtype=torch.float32)
-        ang = pos[:, None] * self.inv_freq.float()[None, :]
-        return ang.cos(), ang.sin()
+        return rope_rotation(pos[:, None] * self.inv_freq.float()[None, :], dtype)
 
     def forward(self, x: torch.Tensor, ctx=None) -> torch.Tensor:
         B, T, _ = x.shape
@@ -77,8 +76,8 @@ class GQAttention(nn.Module):
         cache = ctx.cache if ctx is not None else None
         past = cache.length if cache is not None else 0
         if self.rope:
-            cos, sin = self.rope_tables(past, T, x.device)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            C, S = self.rope_tables(past, T, x.device, q.dtype)
+            q, k = apply_rope(q, C, S), apply_rope(k, C, S)
         if cache is not None:
             k, v = cache.extend(k, v)
         if nkv != nh:
@@ -103,8 +102,8 @@ class GQAttention(nn.Module):
         q = self.q_proj(x).view(B, T, nh, hd).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_head, hd).transpose(1, 2)
         if self.rope:
-            cos, sin = self.rope_tables(0, T, x.device)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            C, S = self.rope_tables(0, T, x.device, q.dtype)
+            q, k = apply_rope(q, C, S), apply_rope(k, C, S)
         k = k.repeat_interleave(nh // self.n_kv_head, dim=1)
         scores = (q @ k.transpose(-1, -2)) / math.sqrt(hd)
         mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()

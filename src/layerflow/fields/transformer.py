@@ -23,20 +23,37 @@ def make_norm(kind: str, dim: int, bias: bool = True) -> nn.Module:
     return nn.LayerNorm(dim, bias=bias)
 
 
-def rope_tables(head_dim: int, positions: torch.Tensor, base: float = 10000.0):
-    """cos/sin tables for rotary embeddings (Su et al. 2021), shape (T, head_dim/2)."""
-    inv = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=positions.device,
-                                       dtype=torch.float32) / head_dim))
-    ang = positions.to(torch.float32)[:, None] * inv[None, :]
-    return ang.cos(), ang.sin()
+_ROPE_TABLES: dict = {}  # (head_dim, base, device, dtype) -> (C, S) for positions 0..n-1
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[..., :D/2], x[..., D/2:]) by the position angle (half-split convention)."""
+def rope_rotation(ang: torch.Tensor, dtype=torch.float32):
+    """Full-width RoPE tables from the angles (T, D/2): C = [cos, cos], S = [−sin, sin]."""
+    cos, sin = ang.cos(), ang.sin()
+    return torch.cat([cos, cos], -1).to(dtype), torch.cat([-sin, sin], -1).to(dtype)
+
+
+def rope_tables(head_dim: int, start: int, T: int, device, dtype=torch.float32,
+                base: float = 10000.0):
+    """(C, S) of rotary embeddings (Su et al. 2021) for positions start..start+T-1, shape
+    (T, head_dim): angles p·base^(−2i/d). Computed once per (shape, device, dtype) for a prefix
+    of positions that doubles when outgrown, then sliced (no per-call trigonometry)."""
+    key = (head_dim, float(base), str(device), dtype)
+    tab = _ROPE_TABLES.get(key)
+    if tab is None or tab[0].shape[0] < start + T:
+        n = max(2 * (start + T), 64)
+        with torch.inference_mode(False), torch.no_grad():  # usable later under autograd
+            inv = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=device,
+                                               dtype=torch.float32) / head_dim))
+            ang = torch.arange(n, device=device, dtype=torch.float32)[:, None] * inv[None, :]
+            tab = _ROPE_TABLES[key] = rope_rotation(ang, dtype)
+    return tab[0][start:start + T], tab[1][start:start + T]
+
+
+def apply_rope(x: torch.Tensor, C: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[..., :D/2], x[..., D/2:]) by the position angle (half-split convention):
+    x·C + [x₂, x₁]·S = [x₁cos − x₂sin, x₂cos + x₁sin]."""
     d = x.shape[-1] // 2
-    x1, x2 = x[..., :d], x[..., d:]
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    return torch.addcmul(x * C, torch.cat([x[..., d:], x[..., :d]], dim=-1), S)
 
 
 class KVCache:
@@ -111,11 +128,13 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, ctx=None) -> torch.Tensor:
         B, T, C = x.shape
         nh, hd = self.n_head, C // self.n_head
-        q, k, v = self.c_attn(x).view(B, T, 3, nh, hd).permute(2, 0, 3, 1, 4)
+        qkv = self.c_attn(x).view(B, T, 3, nh, hd).permute(2, 0, 3, 1, 4)
         past = ctx.cache.length if ctx is not None and ctx.cache is not None else 0
-        if self.rope:
-            cos, sin = rope_tables(hd, torch.arange(past, past + T, device=x.device))
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.rope:  # q and k rotated together: one set of ops
+            rc, rs = rope_tables(hd, past, T, x.device, qkv.dtype)
+            (q, k), v = apply_rope(qkv[:2], rc, rs).unbind(0), qkv[2]
+        else:
+            q, k, v = qkv.unbind(0)
         if ctx is not None and ctx.cache is not None:
             k, v = ctx.cache.extend(k, v)
         drop = self.dropout if self.training else 0.0
