@@ -40,7 +40,7 @@ def baby_config(args):
         data=args.data, tokenizer="char", integrator="lie_trotter", step_size="1", n_layer=4,
         n_head=4, n_embd=128, block_size=64, dropout=0.0, bias=True, batch_size=args.batch_size,
         max_iters=args.iters, lr=args.lr, min_lr=args.min_lr, warmup_iters=args.warmup,
-        lr_decay_iters=args.iters, beta2=0.99, weight_decay=0.1, grad_clip=1.0,
+        lr_decay_iters=args.iters, beta2=args.beta2, weight_decay=0.1, grad_clip=1.0,
         eval_interval=args.eval_interval, eval_iters=args.eval_iters, log_interval=10,
         sample_tokens=0, progress=False, precision=args.precision, compile=args.compile,
         stop_at_val=args.stop_at_val, seed=args.seed, keep_checkpoints=1,
@@ -55,6 +55,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--min-lr", type=float, default=1e-4)
     p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--beta2", type=float, default=0.99, help="AdamW β2")
     p.add_argument("--batch-size", type=int, default=12)
     p.add_argument("--eval-interval", type=int, default=250)
     p.add_argument("--eval-iters", type=int, default=20)

@@ -66,8 +66,8 @@ class BoundField:
 
     def _wrap(self, name, fn):
         ctx, hook = self.ctx, f"{self.prefix}.{name}"
-        if ctx is None:
-            return lambda x, t: fn(x, t, None)
+        if ctx is None or not ctx.hooks:  # nothing listens (e.g. cached decoding): no emit
+            return lambda x, t: fn(x, t, ctx)
 
         def term(x, t):
             return ctx.emit(hook, fn(x, t, ctx))
