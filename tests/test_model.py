@@ -123,3 +123,18 @@ def test_rope_rotates_pairs_by_position_angle():
     q, k = torch.randn(D, dtype=torch.float64), torch.randn(D, dtype=torch.float64)
     r = lambda v, p: apply_rope(v, *rope_tables(D, p, 1, "cpu", torch.float64))[0]  # noqa: E731
     torch.testing.assert_close(r(q, 7) @ r(k, 3), r(q, 4) @ r(k, 0))
+
+
+def test_sample_next_draws_from_the_softmax_and_respects_top_k():
+    """Inverse-CDF sampling: frequencies match softmax(logits/T); masked tokens never appear."""
+    from layerflow.model import sample_next
+
+    logits = torch.tensor([[2.0, 0.0, -1.0, 1.0, -30.0]]).repeat(20000, 1)
+    g = torch.Generator().manual_seed(0)
+    draws = sample_next(logits, 0.7, None, g).view(-1)
+    freq = torch.bincount(draws, minlength=5).double() / len(draws)
+    want = torch.softmax(logits[0].double() / 0.7, -1)
+    assert (freq - want).abs().max() < 0.01  # ~4 standard errors at n = 20000
+    top2 = sample_next(logits, 1.0, 2, g).view(-1)
+    assert set(top2.tolist()) == {0, 3}
+    assert draws.dtype == torch.int64 and draws.shape == (20000,)

@@ -23,6 +23,7 @@ class FlowContext:
         # extra vector-field terms (name, fn(x, t, ctx)) appended to every step's field, e.g.
         # constraint forces −λ∇E_c (steering.py); integrators see them in `field.terms`
         self.terms = list(terms or [])
+        self.bound: dict = {}  # step k -> its BoundField, built once per context (flow loops)
 
     def emit(self, name: str, value):
         for pattern, fn in self.hooks:

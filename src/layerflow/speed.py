@@ -57,6 +57,25 @@ def sdpa(q, k, v, attn_mask=None, dropout_p: float = 0.0, is_causal: bool = Fals
                                           is_causal=is_causal)
 
 
+@contextlib.contextmanager
+def cpu_settings_restored():
+    """Restore the intra-op thread count and the oneDNN switch on exit (see `small_ops`)."""
+    threads, onednn = torch.get_num_threads(), torch._C._get_mkldnn_enabled()
+    try:
+        yield threads, onednn
+    finally:
+        torch.set_num_threads(threads)
+        torch._C._set_mkldnn_enabled(onednn)
+
+
+def small_ops(on: bool, threads: int, onednn: bool) -> None:
+    """CPU settings for a forward made of tiny ops (one new token of one sequence): one thread
+    (more only add fork/join latency) and no oneDNN (its per-call setup, ≈ 6 µs, is 5× the cost
+    of a GELU on 512 numbers; measured in benchmarks/generation.py). `on=False` restores."""
+    torch.set_num_threads(1 if on else threads)
+    torch._C._set_mkldnn_enabled(onednn and not on)
+
+
 def maybe_compile(model: torch.nn.Module, enabled: bool):
     """`torch.compile(model)` when enabled (inductor; needs a C++ compiler on CPU)."""
     if not enabled:

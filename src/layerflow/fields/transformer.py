@@ -17,6 +17,11 @@ import torch.nn.functional as F
 from ..speed import sdpa  # SDPA with the per-op precision policy (fp32 kernel under CPU bf16)
 
 
+def active_dropout(drop: nn.Dropout, x: torch.Tensor) -> torch.Tensor:
+    """`drop(x)` while it acts (training, p > 0); otherwise x itself, without the module call."""
+    return drop(x) if drop.training and drop.p > 0 else x
+
+
 def make_norm(kind: str, dim: int, bias: bool = True) -> nn.Module:
     if kind == "rmsnorm":
         return nn.RMSNorm(dim, eps=1e-6)
@@ -71,6 +76,16 @@ class KVCache:
         self._buffers: list[tuple[torch.Tensor, torch.Tensor] | None] = []
         self.cursor = 0
         self.length = 0  # tokens already cached
+        self._context = None
+
+    def context(self):
+        """The hook-free FlowContext of this cache, made once: token-by-token decoding then
+        reuses its bound fields instead of rebuilding them for every token."""
+        if self._context is None:
+            from ..hooks import FlowContext
+
+            self._context = FlowContext(self)
+        return self._context
 
     def begin(self):
         self.cursor = 0
@@ -81,36 +96,37 @@ class KVCache:
     def extend(self, k: torch.Tensor, v: torch.Tensor):
         i = self.cursor
         self.cursor += 1
+        new = i >= len(self.slots)
         if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
-            if i < len(self.slots):  # autograd through the cache: plain concatenation
-                pk, pv = self.slots[i]
-                k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
-                self.slots[i] = (k, v)
-                self._buffers[i] = None
-            else:
+            if new:
                 self.slots.append((k, v))
                 self._buffers.append(None)
+            else:  # autograd through the cache: plain concatenation
+                pk, pv = self.slots[i]
+                k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
+                self.slots[i], self._buffers[i] = (k, v), None
             return k, v
-        n_old = self.slots[i][0].shape[2] if i < len(self.slots) else 0
+        n_old = 0 if new else self.slots[i][0].shape[2]
         n = n_old + k.shape[2]
-        buf = self._buffers[i] if i < len(self._buffers) else None
+        buf = None if new else self._buffers[i]
         if buf is None or buf[0].shape[2] < n or buf[0].shape[:2] != k.shape[:2] \
                 or buf[0].shape[3] != k.shape[3] or buf[1].shape[3] != v.shape[3]:
             cap = max(2 * n, 16)
             bk = k.new_empty(*k.shape[:2], cap, k.shape[3])
             bv = v.new_empty(*v.shape[:2], cap, v.shape[3])
             if n_old:
-                bk[:, :, :n_old] = self.slots[i][0]
-                bv[:, :, :n_old] = self.slots[i][1]
+                bk.narrow(2, 0, n_old).copy_(self.slots[i][0])
+                bv.narrow(2, 0, n_old).copy_(self.slots[i][1])
             buf = (bk, bv)
-        buf[0][:, :, n_old:n] = k
-        buf[1][:, :, n_old:n] = v
-        kv = (buf[0][:, :, :n], buf[1][:, :, :n])
-        if i < len(self.slots):
-            self.slots[i], self._buffers[i] = kv, buf
-        else:
+        bk, bv = buf
+        bk.narrow(2, n_old, n - n_old).copy_(k)  # narrow: a view without Python slicing
+        bv.narrow(2, n_old, n - n_old).copy_(v)
+        kv = (bk.narrow(2, 0, n), bv.narrow(2, 0, n))
+        if new:
             self.slots.append(kv)
             self._buffers.append(buf)
+        else:
+            self.slots[i], self._buffers[i] = kv, buf
         return kv
 
 
@@ -173,10 +189,10 @@ class TransformerField(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def attn_term(self, x, t=None, ctx=None):
-        return self.drop(self.attn(self.ln_1(x), ctx))
+        return active_dropout(self.drop, self.attn(self.ln_1(x), ctx))
 
     def mlp_term(self, x, t=None, ctx=None):
-        return self.drop(self.mlp(self.ln_2(x)))
+        return active_dropout(self.drop, self.mlp(self.ln_2(x)))
 
     def forward(self, x, t=None, ctx=None):
         return self.attn_term(x, t, ctx) + self.mlp_term(x, t, ctx)
