@@ -83,19 +83,42 @@ def test_kv_cache_logits_match_full_forward(pos_emb):
     torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("batch", [1, 2])  # 1: decode steps on one thread, no oneDNN
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 @pytest.mark.parametrize("pos_emb", ["learned", "rope"])
-def test_generate_cached_equals_uncached(temperature, pos_emb):
+def test_generate_cached_equals_uncached(temperature, pos_emb, batch):
     """Past block_size (16) the context window moves; both paths follow the same policy."""
     model = model_for(pos_emb=pos_emb)
-    prompt = torch.randint(0, 37, (2, 3))
+    prompt = torch.randint(0, 37, (batch, 3))
     outs = []
     for use_cache in (True, False):
         g = torch.Generator().manual_seed(7)
         outs.append(model.generate(prompt, 40, temperature=temperature, top_k=10,
                                    use_cache=use_cache, generator=g))
-    assert outs[0].shape == (2, 43)
+    assert outs[0].shape == (batch, 43)
     assert torch.equal(outs[0], outs[1])
+
+
+def test_generate_restores_threads_and_onednn(monkeypatch):
+    """The decode settings (speed.small_ops) never outlive `generate`, even when it fails."""
+    import layerflow.model as lm
+
+    model = model_for()
+    before = torch.get_num_threads(), torch._C._get_mkldnn_enabled()
+    model.generate(torch.tensor([[1, 2]]), 5)
+    assert (torch.get_num_threads(), torch._C._get_mkldnn_enabled()) == before
+    calls = []
+
+    def failing(*args):
+        calls.append(1)
+        if len(calls) == 3:  # inside a decode step's settings
+            raise RuntimeError("boom")
+        return torch.zeros(1, 1, dtype=torch.long)
+
+    monkeypatch.setattr(lm, "sample_next", failing)
+    with pytest.raises(RuntimeError, match="boom"):
+        model.generate(torch.tensor([[1, 2]]), 5)
+    assert (torch.get_num_threads(), torch._C._get_mkldnn_enabled()) == before
 
 
 def test_loss_is_cross_entropy():
