@@ -161,3 +161,7 @@ def test_sample_next_draws_from_the_softmax_and_respects_top_k():
     top2 = sample_next(logits, 1.0, 2, g).view(-1)
     assert set(top2.tolist()) == {0, 3}
     assert draws.dtype == torch.int64 and draws.shape == (20000,)
+    inf = float("inf")
+    for bad in ([[-inf, -inf, -inf]], [[0.0, inf, 0.0]], [[0.0, float("nan"), 1.0]]):
+        with pytest.raises(RuntimeError, match="nan or inf"):  # never an out-of-range id
+            sample_next(torch.tensor(bad), 1.0, None, g)

@@ -185,8 +185,12 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None,
     # inverse-CDF sampling: index of the first cumulative probability above u·total, u ~ U[0, 1)
     # (an exact sampler, like `torch.multinomial`, at a quarter of its cost for one row)
     cdf = F.softmax(logits, dim=-1).double().cumsum(-1)
+    total = cdf[:, -1:]
+    if not bool((total > 0).all()):  # NaN from nan/inf logits or all masked: no valid token
+        raise RuntimeError("sampling: the next-token probabilities contain nan or inf "
+                           "(non-finite logits)")
     u = torch.rand(cdf.shape[0], 1, dtype=cdf.dtype, device=cdf.device, generator=generator)
-    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True)
+    return torch.searchsorted(cdf, u * total, right=True)
 
 
 def build_model(cfg, vocab_size: int | None = None) -> FlowLM:
