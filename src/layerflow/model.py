@@ -45,10 +45,14 @@ class FlowLM(nn.Module):
         self.ln_f = make_norm(norm, n_embd, bias)
         self.lm_head = None if tie_head else nn.Linear(n_embd, vocab_size, bias=False)
         self._hooks: list = []
+        # set by integrators/continuous.py when configured; plain None attributes until then, so
+        # reading them never takes nn.Module's raising __getattr__ path (once per forward)
+        self.solver = None  # reversible / adaptive / jittered steps
+        self.raw_step_size = None  # learnable h_k = softplus(θ_k)
 
     # ------------------------------------------------------------------ the flow
     def step_sizes(self):
-        raw = getattr(self, "raw_step_size", None)  # learnable h_k = softplus(θ_k) (continuous.py)
+        raw = self.raw_step_size
         if raw is not None:
             return list(F.softplus(raw).unbind())
         return [self.step_size] * self.n_steps
@@ -65,7 +69,7 @@ class FlowLM(nn.Module):
         return active_dropout(self.drop, x)
 
     def flow(self, x: torch.Tensor, ctx: FlowContext | None = None) -> torch.Tensor:
-        solver = getattr(self, "solver", None)  # reversible / adaptive (integrators/continuous.py)
+        solver = self.solver
         if solver is not None:
             out = solver(self, x, ctx)
             if out is not None:
@@ -113,7 +117,7 @@ class FlowLM(nn.Module):
             x = ctx.emit("final", x)
         if cache is not None:
             cache.end(idx.shape[1])
-        if last_only and targets is None:
+        if last_only and targets is None and x.shape[1] > 1:
             x = x[:, -1:]
         logits = self.head(x)
         loss = None
@@ -151,12 +155,13 @@ class FlowLM(nn.Module):
                     cache = None
                 if use_cache and cache is not None:
                     small_ops(small, threads, onednn)
-                    logits, _ = self(tokens[:, n - 1:n], cache=cache, last_only=True)
+                    logits, _ = self(tokens.narrow(1, n - 1, 1), cache=cache, last_only=True)
                 else:
                     small_ops(False, threads, onednn)
                     cache = KVCache() if use_cache else None
                     logits, _ = self(tokens[:, start:n], cache=cache, last_only=True)
-                tokens[:, n:n + 1] = sample_next(logits[:, -1, :], temperature, top_k, generator)
+                next_token = sample_next(logits.select(1, -1), temperature, top_k, generator)
+                tokens.narrow(1, n, 1).copy_(next_token)
         return tokens
 
     def lipschitz_bound(self):
@@ -178,7 +183,7 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None,
                 generator: torch.Generator | None) -> torch.Tensor:
     if temperature <= 0:
         return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float() / temperature
+    logits = logits.float() if temperature == 1.0 else logits.float() / temperature
     if top_k:
         v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
         logits = logits.masked_fill(logits < v[:, [-1]], float("-inf"))

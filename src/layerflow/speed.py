@@ -46,7 +46,7 @@ def autocast_for(device: str, precision: str):
 def sdpa(q, k, v, attn_mask=None, dropout_p: float = 0.0, is_causal: bool = False):
     """`scaled_dot_product_attention` with the per-op precision policy above: under CPU bf16
     autocast the kernel runs in float32 (output cast back to the input dtype)."""
-    if ATTN_FP32_ON_CPU and q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+    if ATTN_FP32_ON_CPU and torch.is_autocast_enabled("cpu") and q.device.type == "cpu":
         dtype = q.dtype
         with torch.autocast("cpu", enabled=False):
             y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(),
