@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .fields.transformer import KVCache, active_dropout, make_norm
+from .fields.transformer import KVCache, make_norm
 from .hooks import FlowContext
 from .integrators import INTEGRATORS, BoundField, Integrator, integrate
 from .integrators.continuous import configure_flow, make_fields
@@ -66,7 +66,7 @@ class FlowLM(nn.Module):
             x = x + self.wpe.weight.narrow(0, start, idx.shape[1])
         if self.embed_scale != 1.0:
             x = x * self.embed_scale
-        return active_dropout(self.drop, x)
+        return self.drop(x) if self.training and self.drop.p else x
 
     def flow(self, x: torch.Tensor, ctx: FlowContext | None = None) -> torch.Tensor:
         solver = self.solver

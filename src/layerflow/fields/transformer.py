@@ -17,11 +17,6 @@ import torch.nn.functional as F
 from ..speed import sdpa  # SDPA with the per-op precision policy (fp32 kernel under CPU bf16)
 
 
-def active_dropout(drop: nn.Dropout, x: torch.Tensor) -> torch.Tensor:
-    """`drop(x)` while it acts (training, p > 0); otherwise x itself, without the module call."""
-    return drop(x) if drop.training and drop.p > 0 else x
-
-
 def make_norm(kind: str, dim: int, bias: bool = True) -> nn.Module:
     if kind == "rmsnorm":
         return nn.RMSNorm(dim, eps=1e-6)
@@ -189,10 +184,12 @@ class TransformerField(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def attn_term(self, x, t=None, ctx=None):
-        return active_dropout(self.drop, self.attn(self.ln_1(x), ctx))
+        y = self.attn(self.ln_1(x), ctx)
+        return self.drop(y) if self.training and self.drop.p else y  # no call when inactive
 
     def mlp_term(self, x, t=None, ctx=None):
-        return active_dropout(self.drop, self.mlp(self.ln_2(x)))
+        y = self.mlp(self.ln_2(x))
+        return self.drop(y) if self.training and self.drop.p else y
 
     def forward(self, x, t=None, ctx=None):
         return self.attn_term(x, t, ctx) + self.mlp_term(x, t, ctx)
