@@ -99,7 +99,6 @@ def estimate_loss(model, data, tc, it: int, device: str, splits=("train", "val")
     return out
 
 
-
 @contextmanager
 def stop_requests():
     """SIGINT/SIGTERM set a flag instead of killing mid-step; restored on exit."""

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .transformer import TransformerField, apply_rope, rope_rotation
+from .transformer import TransformerField, apply_rope, rope_inv_freq, rope_rotation
 
 ACTIVATIONS = {
     "gelu": F.gelu,
@@ -59,8 +59,7 @@ class GQAttention(nn.Module):
         self.v_proj = nn.Linear(n_embd, self.n_kv_head * hd, bias=bias)
         self.o_proj = nn.Linear(n_head * hd, n_embd, bias=bias)
         if rope:  # θ^(-2i/d_h); saved with the weights, so scaled RoPE (llama3, linear) imports
-            inv = 1.0 / (self.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
-            self.register_buffer("inv_freq", inv)
+            self.register_buffer("inv_freq", rope_inv_freq(hd, self.rope_theta))
 
     def rope_tables(self, start: int, T: int, device, dtype=torch.float32):
         """(C, S) of `apply_rope` for the angles p·ω_i, positions p = start..start+T-1."""

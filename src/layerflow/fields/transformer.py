@@ -26,6 +26,12 @@ def make_norm(kind: str, dim: int, bias: bool = True) -> nn.Module:
 _ROPE_TABLES: dict = {}  # (head_dim, base, device, dtype) -> (C, S) for positions 0..n-1
 
 
+def rope_inv_freq(head_dim: int, base: float = 10000.0, device=None) -> torch.Tensor:
+    """RoPE frequencies ω_i = base^(−2i/d), i = 0..d/2−1 (Su et al. 2021)."""
+    return 1.0 / (base ** (torch.arange(0, head_dim, 2, device=device,
+                                        dtype=torch.float32) / head_dim))
+
+
 def rope_rotation(ang: torch.Tensor, dtype=torch.float32):
     """Full-width RoPE tables from the angles (T, D/2): C = [cos, cos], S = [−sin, sin]."""
     cos, sin = ang.cos(), ang.sin()
@@ -42,8 +48,7 @@ def rope_tables(head_dim: int, start: int, T: int, device, dtype=torch.float32,
     if tab is None or tab[0].shape[0] < start + T:
         n = max(2 * (start + T), 64)
         with torch.inference_mode(False), torch.no_grad():  # usable later under autograd
-            inv = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=device,
-                                               dtype=torch.float32) / head_dim))
+            inv = rope_inv_freq(head_dim, base, device)
             ang = torch.arange(n, device=device, dtype=torch.float32)[:, None] * inv[None, :]
             tab = _ROPE_TABLES[key] = rope_rotation(ang, dtype)
     return tab[0][start:start + T], tab[1][start:start + T]
